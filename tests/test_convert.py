@@ -1,0 +1,149 @@
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import qat
+from qat.nn import QuantEmbedding, QuantLinear
+from qat.quantizers import LSQ, PACT, MinMax, Ternary
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 64)
+        self.block = nn.ModuleDict({"q_proj": nn.Linear(64, 64), "up_proj": nn.Linear(64, 96), "down_proj": nn.Linear(96, 64)})
+        self.lm_head = nn.Linear(64, 50, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.block["q_proj"](h)
+        h = h + self.block["down_proj"](torch.relu(self.block["up_proj"](h)))
+        return self.lm_head(h)
+
+
+LSQ4 = functools.partial(LSQ, bits=4, granularity="group", group_size=32)
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def test_default_excludes_output_head_and_quantizes_every_other_linear():
+    m = Toy()
+    qat.quantize_(m, weight=LSQ4)
+    names = [n for n, _ in qat.quantized_layers(m)]
+    assert names == ["block.q_proj", "block.up_proj", "block.down_proj"]
+    assert type(m.lm_head) is nn.Linear
+    assert m.lm_head.weight is m.embed.weight  # tie intact
+
+
+def test_each_layer_gets_its_own_quantizer_and_forward_backward_runs():
+    m = Toy()
+    qat.quantize_(m, weight=LSQ4, activation=functools.partial(LSQ, bits=8, granularity="tensor"))
+    qs = [layer.weight_quantizer for _, layer in qat.quantized_layers(m)]
+    assert len({id(q) for q in qs}) == len(qs)
+    ids = torch.randint(0, 50, (2, 7))
+    qat.calibrate_(m, ids)
+    assert all(layer.act_quantizer._ready for _, layer in qat.quantized_layers(m))
+    m(ids).logsumexp(-1).mean().backward()
+    assert all(q.scale.grad is not None for q in qs)
+
+
+def test_include_exclude_patterns():
+    m = Toy()
+    qat.quantize_(m, weight=LSQ4, include="block.*", exclude=["*down_proj"])
+    assert [n for n, _ in qat.quantized_layers(m)] == ["block.q_proj", "block.up_proj"]
+
+
+def test_explicit_empty_exclude_quantizes_the_head_and_embedding_factory():
+    m = Toy()
+    qat.quantize_(m, weight=LSQ4, exclude=(), embedding=functools.partial(MinMax, bits=4, granularity="channel"))
+    assert isinstance(m.lm_head, QuantLinear) and isinstance(m.embed, QuantEmbedding)
+    assert m(torch.randint(0, 50, (1, 4))).shape == (1, 4, 50)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(weight=functools.partial(LSQ, bits=0)), ValueError, ["bits=0", "2 to 8"]),
+        (dict(weight=functools.partial(LSQ, bits=9)), ValueError, ["bits=9"]),
+        (dict(weight=functools.partial(LSQ, bits=4, granularity="group", group_size=40)), ValueError, ["block.q_proj", "group_size=40", "in_features=64", "valid group sizes", "32"]),
+        (dict(weight=LSQ4, include="decoder.*"), ValueError, ["include pattern", "decoder.*", "matches no layer"]),
+        (dict(weight=LSQ4, exclude=["nothing_here"]), ValueError, ["exclude pattern", "nothing_here"]),
+        (dict(weight=lambda: nn.Linear(2, 2)), TypeError, ["Quantizer"]),
+        (dict(), ValueError, ["at least one"]),
+    ],
+)
+def test_bad_input_raises_before_the_model_changes(kwargs, error, words):
+    m = Toy()
+    before, types = snapshot(m)
+    with pytest.raises(error) as info:
+        qat.quantize_(m, **kwargs)
+    for w in words:
+        assert w in str(info.value)
+    after, types_after = snapshot(m)
+    assert types == types_after
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_integer_weight_is_a_type_error():
+    m = Toy()
+    m.block["q_proj"].weight = nn.Parameter(torch.zeros(64, 64, dtype=torch.int32), requires_grad=False)
+    with pytest.raises(TypeError, match="block.q_proj.*int32"):
+        qat.quantize_(m, weight=LSQ4)
+    assert not list(qat.quantized_layers(m))
+
+
+def test_nan_weight_is_a_value_error_naming_the_layer():
+    m = Toy()
+    with torch.no_grad():
+        m.block["down_proj"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="block.down_proj.*non-finite"):
+        qat.quantize_(m, weight=LSQ4)
+    assert not list(qat.quantized_layers(m))
+
+
+def test_nan_in_calibration_batch_is_a_value_error():
+    layer = nn.Linear(8, 4)
+    m = nn.Sequential(layer)
+    qat.quantize_(m, weight=functools.partial(MinMax, bits=8), activation=functools.partial(PACT, bits=8))
+    x = torch.randn(2, 8)
+    x[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        qat.calibrate_(m, x)
+
+
+def test_quantizing_twice_is_refused_and_dequantize_restores_plain_layers():
+    m = Toy()
+    qat.quantize_(m, weight=functools.partial(Ternary, deadzone="tequila"))
+    with pytest.raises(ValueError, match="already quantized"):
+        qat.quantize_(m, weight=LSQ4)
+    ids = torch.randint(0, 50, (2, 5))
+    m.eval()
+    expected = m(ids)
+    qat.dequantize_(m)
+    assert not list(qat.quantized_layers(m))
+    assert all(type(m.block[k]) is nn.Linear for k in m.block)
+    torch.testing.assert_close(m(ids), expected)
+    # the baked weights lie on the ternary grid: three distinct magnitudes per row at most
+    w = m.block["q_proj"].weight
+    assert all(len(torch.unique(row.abs())) <= 2 for row in w)
+    with pytest.raises(ValueError, match="nothing to dequantize"):
+        qat.dequantize_(m)
+
+
+def test_minilm_and_gpt2_from_config_run_after_quantize():
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=32, bos_token_id=0, eos_token_id=0))
+    qat.quantize_(gpt2, weight=LSQ4)
+    assert len(list(qat.quantized_layers(gpt2))) == 8  # c_attn, c_proj, c_fc, mlp.c_proj per block
+    out = gpt2(torch.randint(0, 128, (2, 9)), labels=torch.randint(0, 128, (2, 9)))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)

@@ -82,10 +82,30 @@ class ClippedSTE(Estimator):
     """Clipped straight-through estimator: ``dq/du = 1[lo <= u <= hi]`` (LSQ, ParetoQ).
 
     The clip keeps its true derivative; only ``round`` is passed straight through.
+
+    Args:
+        after_round: differentiate the clip at the rounded value, ``dq/du = 1[lo <= round(u) <= hi]``:
+            the gradient of ``clamp(round_ste(u), lo, hi)``, the order of OmniQuant's LWC and of
+            ``torch.fake_quantize_*``. Elements less than half a step outside the grid still pass,
+            so the element that sets a min/max statistic keeps its gradient (with the default
+            mask it loses it whenever ``x / (max|x| / hi)`` rounds to just above ``hi``).
+
+    Example:
+        >>> ClippedSTE().vjp(torch.tensor([1.3]), torch.tensor([1.0]), torch.tensor([2.0]), -2, 1)
+        tensor([0.])
+        >>> ClippedSTE(after_round=True).vjp(torch.tensor([1.3]), torch.tensor([1.0]), torch.tensor([2.0]), -2, 1)
+        tensor([2.])
     """
 
+    def __init__(self, after_round: bool = False):
+        super().__init__()
+        self.after_round = bool(after_round)
+
     def vjp(self, u, q, grad_q, lo, hi):
-        return grad_q * _inside(u, lo, hi)
+        return grad_q * _inside(torch.round(u) if self.after_round else u, lo, hi)
+
+    def extra_repr(self):
+        return f"after_round={self.after_round}" if self.after_round else ""
 
 
 class EWGS(Estimator):
@@ -176,8 +196,9 @@ class DSQ(Estimator):
         q   = lo + i + (phi + 1) / 2
 
     ``alpha`` (init 0.2) is learned through autograd; ``alpha -> 0`` gives hard rounding. Eval
-    rounds to nearest, the deploy rule ``sign(phi)``. The bin centre follows the paper (the
-    unofficial ricky40403/DSQ code uses the upper bound by mistake).
+    rounds to nearest, the deploy rule ``sign(phi)``, with the clipped STE as its backward. The
+    bin centre follows the paper (the unofficial ricky40403/DSQ code uses the upper bound by
+    mistake).
 
     Args:
         alpha: initial temperature in (0, 1).
@@ -201,8 +222,10 @@ class DSQ(Estimator):
         phi = torch.tanh(k * (u - m)) / (1 - alpha)
         return lo + i + (phi + 1) / 2
 
-    def vjp(self, u, q, grad_q, lo, hi):  # pragma: no cover - DSQ runs through autograd
-        raise RuntimeError("DSQ is differentiable: quantizers run it through autograd, not vjp")
+    def vjp(self, u, q, grad_q, lo, hi):
+        # Training runs through autograd; in eval (hard rounding, DSQ's alpha -> 0 limit) a
+        # backward pass (e.g. a Hessian estimate on an eval-mode model) gets the clipped STE.
+        return grad_q * _inside(u, lo, hi)
 
 
 def ewgs_delta_from_hessian(trace_over_n: float, grad_std: float) -> float:

@@ -150,6 +150,8 @@ class Quantizer(nn.Module):
         """Initialise the parameters from ``x`` (a weight, or a calibration activation)."""
         if not torch.is_floating_point(x):
             raise TypeError(f"cannot quantize a {x.dtype} tensor: quantizers take floating-point tensors")
+        if self.granularity in ("channel", "group"):
+            self.check(x.shape, f"{type(self).__name__} input")
         check_finite(x)
         self._init(self._view(x.detach()).float())
         self.initialized.fill_(True)

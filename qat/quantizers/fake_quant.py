@@ -36,9 +36,8 @@ from qat.estimators import Bound, Estimator
 
 
 def reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sum ``t`` over the axes that ``shape`` broadcasts (size 1), keeping dimensions."""
-    dims = tuple(i for i, (a, b) in enumerate(zip(t.shape, shape)) if b == 1 and a != 1)
-    return t.sum(dims, keepdim=True) if dims else t
+    """Sum ``t`` over the axes that ``shape`` broadcasts (size 1 or missing), giving ``shape``."""
+    return t.sum_to_size(shape)
 
 
 def levels(x: torch.Tensor, s: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:

@@ -47,7 +47,7 @@ class LSQ(Quantizer):
 
     Example (ALGORITHMS.md's worked example, step gradient -0.1):
         >>> q = LSQ(bits=2, granularity="tensor")
-        >>> _ = q.init_(torch.ones(4)); q.scale.data.fill_(0.5)
+        >>> _ = q.init_(torch.ones(4)); _ = q.scale.data.fill_(0.5)
         >>> w = torch.tensor([-1.3, -0.2, 0.3, 0.9], requires_grad=True)
         >>> q(w).sum().backward(); q.scale.grad.flatten()
         tensor([-0.1000])

@@ -10,8 +10,11 @@ Per output row or group, two logits ``a`` (upper) and ``c`` (lower), initialised
 Gradients reach ``a`` and ``c`` through ``h`` only: ``z`` is rounded without a straight-through
 gradient, as in the reference (OpenGVLab/OmniQuant ``quantize/quantizer.py``,
 ``UniformAffineQuantizer``); EfficientQAT's round_ste on ``z`` is not used. The clamp keeps its
-true derivative (the clipped STE), and ``dW_hat/dh = round(u) - u`` inside, the clipped code
-outside, exactly as LSQ's step gradient (no extra gradient scaling: OmniQuant has none).
+true derivative at the rounded value, as in the reference's ``clamp(round_ste(W / h) + z)``: the
+default estimator is ``ClippedSTE(after_round=True)``, so ``dW_hat/dW = 1[0 <= round(u) + z <= 2^b - 1]``
+and ``dW_hat/dh = round(u) - u`` there, the clipped code outside (no extra gradient scaling:
+OmniQuant has none). At init the extreme weights lie a fraction of a step outside the grid and keep
+their gradient this way.
 
 Decision: the min/max statistics are taken from the weights without gradient. OmniQuant freezes
 the weights while it learns the clipping, so its gradient through ``amax`` never matters there; in
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from qat.estimators import ClippedSTE
 from qat.quantizers.base import Codes, Quantizer
 from qat.quantizers.fake_quant import fake_quant, levels
 
@@ -34,7 +38,8 @@ class LWC(Quantizer):
     """Learnable weight clipping (OmniQuant).
 
     Args:
-        bits, granularity, group_size, estimator: see ``Quantizer`` (``granularity`` "channel" or "group").
+        bits, granularity, group_size, estimator: see ``Quantizer`` (``granularity`` "channel" or "group";
+            default estimator ``ClippedSTE(after_round=True)``, the reference's gradient).
         symmetric: the symmetric variant (see the module docstring).
         init: initial value of both clipping logits (4.0 in OmniQuant).
 
@@ -51,6 +56,9 @@ class LWC(Quantizer):
         super().__init__(bits, granularity, group_size, symmetric=symmetric, estimator=estimator)
         self.init_logit = float(init)
         self.levels = 2**bits - 1
+
+    def default_estimator(self):
+        return ClippedSTE(after_round=True)
 
     def _init(self, g):
         shape = (g.shape[0], g.shape[1], 1)

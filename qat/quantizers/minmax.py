@@ -13,7 +13,10 @@ Statistics are taken per tensor, channel, group or token (``qat.grid``). With ``
 (the default) they are recomputed at every forward, so the quantizer follows weights that train
 (this is the fixed-scale fake quantization of torchao and of QAT before LSQ); with
 ``dynamic=False`` they are frozen by ``init_`` (static activation ranges from calibration). The
-statistics carry no gradient; the input's gradient comes from the estimator.
+statistics carry no gradient; the input's gradient comes from the estimator, by default the clipped
+STE differentiated after rounding (``ClippedSTE(after_round=True)``, the mask of
+``torch.fake_quantize_*``): the extreme elements, which can land up to half a step outside the grid
+(asymmetric) or a rounding error above ``hi`` (symmetric), keep their gradient.
 
 Symmetric scales use ``max|x| / hi`` so the largest magnitude is representable (the most
 negative code of a full signed grid is then used only by clipped values); the zero point is folded
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from qat.estimators import ClippedSTE
 from qat.quantizers.base import EPS, Codes, Quantizer
 from qat.quantizers.fake_quant import fake_quant, levels
 
@@ -47,6 +51,9 @@ class MinMax(Quantizer):
     def __init__(self, bits=4, granularity="channel", group_size=None, symmetric=True, narrow=False, estimator=None, dynamic=True):
         super().__init__(bits, granularity, group_size, symmetric, narrow, estimator)
         self.dynamic = dynamic
+
+    def default_estimator(self):
+        return ClippedSTE(after_round=True)
 
     def _stats(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         g = g.detach().float()

@@ -4,18 +4,20 @@ Unsigned (the paper; inputs after a ReLU), ``L = 2^b - 1`` levels above zero::
 
     y = clip(x, 0, alpha),   x_hat = round(y * L / alpha) * alpha / L
     dx_hat/dx     = 1[0 <= x <= alpha]
-    dx_hat/dalpha = 1[x >= alpha]              (PACT drops the in-range rounding term LSQ keeps)
+    dx_hat/dalpha = 1[x > alpha]               (PACT drops the in-range rounding term LSQ keeps)
 
 Signed (``signed=True``, for transformer activations that are not post-ReLU), the symmetric
 extension with ``L = 2^(b-1) - 1``::
 
-    y = clip(x, -alpha, alpha),  dx_hat/dalpha = sign(x) * 1[|x| >= alpha]
+    y = clip(x, -alpha, alpha),  dx_hat/dalpha = sign(x) * 1[|x| > alpha]
 
 ``alpha`` is one float32 scalar per tensor (the reference, IntelLabs/distiller
 ``LearnedClippedLinearQuantizeSTE``). It is initialised from the calibration batch as its largest
 magnitude (or fixed by ``alpha=``, e.g. Distiller's 8.0). Give it its own parameter group with an
-L2 decay: its gradient is a sum over all clipped activations. Range ends are inclusive on both
-sides (a measure-zero difference from the paper's open interval).
+L2 decay: its gradient is a sum over all clipped activations. Range ends count as in range
+(``x = alpha``: input gradient 1, alpha gradient 0, up to the float rounding of ``x * L / alpha``);
+the paper and Distiller count ``x = alpha`` as clipped, a measure-zero difference except for the
+calibration maximum right after ``init_``.
 """
 
 from __future__ import annotations

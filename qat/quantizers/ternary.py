@@ -107,7 +107,7 @@ class Ternary(Quantizer):
     Example (ALGORITHMS.md's Tequila example):
         >>> q = Ternary("absmean", granularity="channel", deadzone="tequila")
         >>> w = torch.tensor([[0.4, -0.05, 0.1, -0.6]])
-        >>> q(w)
+        >>> q(w) + 0.0  # (+ 0.0 prints the -0.0 of round(-0.05 / gamma) as 0.0)
         tensor([[ 0.2875,  0.0000,  0.0000, -0.2875]])
         >>> q.bias(w, q(w))
         tensor([5.0000e-05])
@@ -173,9 +173,8 @@ class Ternary(Quantizer):
             step, scale = self._stats(g)
             q = self.estimator.quantize(levels(g, step, None), -1, 1)
             scale = step if scale is None else scale
-        bias = None
-        if self.deadzone == "tequila":
-            bias = self.lam * torch.where(q == 0, g.float(), 0.0).sum((-2, -1))
+        # Per output row of x, whatever the grouping (the same expression as ``bias``).
+        bias = self.bias(x.float(), q.reshape(x.shape))
         return self._make_codes(q, x, scale, -1, 1, bias=bias)
 
     def bias(self, w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor | None:

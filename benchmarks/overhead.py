@@ -1,0 +1,131 @@
+"""Cost of fake quantization in a training step: time and peak memory, against the same step without it.
+
+One process, one model: SmolLM2-135M (the embedded default), float32 on CPU, batch 4 x 256 tokens of
+the shipped corpus, forward + backward. The quantized variant is LSQ 4-bit group-32 on all 210
+decoder linear layers; the baseline is the *same* model with its quantizers switched off
+(``enabled = False``), so both share weights, data and allocator state. Variants are interleaved
+(A B A B ...) and the median of each is reported.
+
+Peak memory is the resident-set high-water mark (VmHWM) of this process during one step, reset
+before the step through ``/proc/self/clear_refs``; the script re-executes itself with a fixed
+glibc mmap threshold so that freed tensors go back to the OS and the mark reflects live memory.
+
+    make install && .venv/bin/python benchmarks/overhead.py [--repeats 3] [--threads 2]
+
+Writes ``benchmarks/results/overhead.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _reexec_with_fixed_mmap_threshold() -> None:
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def _rss_peak_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def main() -> None:
+    _reexec_with_fixed_mmap_threshold()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--model", default="smollm2-135m")
+    args = parser.parse_args()
+
+    import torch
+
+    import qat
+    from qat.corpus import shipped_text, token_blocks
+    from qat.models import load_model
+    from qat.quantizers import LSQ
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tokenizer = load_model(args.model)
+    model.train()
+    ids = token_blocks(tokenizer, shipped_text(), args.seq_len)[: args.batch]
+    qat.quantize_(model, weight=functools.partial(LSQ, bits=4, granularity="group", group_size=32), include="model.layers.*")
+    quantizers = [layer.weight_quantizer for _, layer in qat.quantized_layers(model)]
+
+    def step(quantized: bool) -> tuple[float, float]:
+        for q in quantizers:
+            q.enabled = quantized
+        model.zero_grad(set_to_none=True)
+        before = _status_kb("VmRSS")
+        _rss_peak_reset()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        seconds = time.perf_counter() - t0
+        peak = _status_kb("VmHWM")
+        return seconds, (peak - before) / 1024, peak / 1024
+
+    step(False), step(True)  # warm-up: allocator, thread pools, lazily built kernels
+    runs = {"fp": [], "lsq_w4g32": []}
+    for _ in range(args.repeats):
+        for name, quantized in (("fp", False), ("lsq_w4g32", True)):
+            runs[name].append(step(quantized))
+
+    summary = {}
+    for name, rs in runs.items():
+        summary[name] = {
+            "step_s": statistics.median(r[0] for r in rs),
+            "step_peak_increase_mb": statistics.median(r[1] for r in rs),
+            "process_peak_rss_mb": statistics.median(r[2] for r in rs),
+        }
+    fp, lq = summary["fp"], summary["lsq_w4g32"]
+    result = {
+        "what": "SmolLM2-135M train step (fwd+bwd), float32 CPU, LSQ w4 g32 on 210 decoder linears vs quantizers off",
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "layers": len(quantizers),
+        "torch": torch.__version__,
+        "runs": runs,
+        "summary": summary,
+        "time_ratio": lq["step_s"] / fp["step_s"],
+        "peak_rss_ratio": lq["process_peak_rss_mb"] / fp["process_peak_rss_mb"],
+        "step_memory_ratio": lq["step_peak_increase_mb"] / fp["step_peak_increase_mb"],
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "overhead.json"
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out)
+    print("| variant | step (s) | step peak increase (MB) | process peak RSS (MB) |")
+    print("|---|---|---|---|")
+    for name, s in summary.items():
+        print(f"| {name} | {s['step_s']:.2f} | {s['step_peak_increase_mb']:.0f} | {s['process_peak_rss_mb']:.0f} |")
+    print(f"\ntime ratio {result['time_ratio']:.3f}x, process peak RSS ratio {result['peak_rss_ratio']:.3f}x, "
+          f"step memory ratio {result['step_memory_ratio']:.3f}x  -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,11 +6,14 @@ decoder linear layers; the baseline is the *same* model with its quantizers swit
 (``enabled = False``), so both share weights, data and allocator state. Variants are interleaved
 (A B A B ...) and the median of each is reported.
 
-Peak memory is the resident-set high-water mark (VmHWM) of this process during one step, reset
-before the step through ``/proc/self/clear_refs``; the script re-executes itself with a fixed
-glibc mmap threshold so that freed tensors go back to the OS and the mark reflects live memory.
+Time is measured with the allocator settings ``qat-train`` applies (``qat.runtime.tune_malloc``:
+freed memory stays in the process); ``--no-tune`` measures glibc's defaults instead. Peak memory
+is measured in a second process of the same script (``--memory``), as the resident-set
+high-water mark (VmHWM) during one step, reset before the step through ``/proc/self/clear_refs``,
+with a fixed low glibc mmap threshold so that freed tensors leave the process and the mark
+reflects live memory.
 
-    make install && .venv/bin/python benchmarks/overhead.py [--repeats 3] [--threads 2]
+    make install && .venv/bin/python benchmarks/overhead.py [--repeats 5] [--threads 2]
 
 Writes ``benchmarks/results/overhead.json`` and prints a markdown table.
 """
@@ -29,10 +32,12 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _reexec_with_fixed_mmap_threshold() -> None:
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+def _memory_in_subprocess(argv: list[str]) -> dict:
+    import subprocess
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", QAT_NO_MALLOC_TUNING="1")
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory"], env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _rss_peak_reset() -> None:
@@ -49,14 +54,19 @@ def _status_kb(field: str) -> int:
 
 
 def main() -> None:
-    _reexec_with_fixed_mmap_threshold()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--no-tune", action="store_true", help="time with glibc's default allocator settings")
+    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not args.memory and not args.no_tune:
+        from qat.runtime import tune_malloc
+
+        tune_malloc()
 
     import torch
 
@@ -92,12 +102,17 @@ def main() -> None:
         for name, quantized in (("fp", False), ("lsq_w4g32", True)):
             runs[name].append(step(quantized))
 
+    if args.memory:
+        print(json.dumps({k: [[r[1], r[2]] for r in rs] for k, rs in runs.items()}))
+        return
+    argv = ["--repeats", "2", "--threads", str(args.threads), "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--model", args.model]
+    memory = _memory_in_subprocess(argv)
     summary = {}
     for name, rs in runs.items():
         summary[name] = {
             "step_s": statistics.median(r[0] for r in rs),
-            "step_peak_increase_mb": statistics.median(r[1] for r in rs),
-            "process_peak_rss_mb": statistics.median(r[2] for r in rs),
+            "step_peak_increase_mb": statistics.median(m[0] for m in memory[name]),
+            "process_peak_rss_mb": statistics.median(m[1] for m in memory[name]),
         }
     fp, lq = summary["fp"], summary["lsq_w4g32"]
     result = {
@@ -108,14 +123,16 @@ def main() -> None:
         "repeats": args.repeats,
         "layers": len(quantizers),
         "torch": torch.__version__,
-        "runs": runs,
+        "allocator": "glibc defaults" if args.no_tune else "qat.runtime.tune_malloc (as qat-train)",
+        "runs_time_s": {k: [r[0] for r in rs] for k, rs in runs.items()},
+        "runs_memory_mb": memory,
         "summary": summary,
         "time_ratio": lq["step_s"] / fp["step_s"],
         "peak_rss_ratio": lq["process_peak_rss_mb"] / fp["process_peak_rss_mb"],
         "step_memory_ratio": lq["step_peak_increase_mb"] / fp["step_peak_increase_mb"],
     }
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "overhead.json"
+    out = RESULTS / ("overhead_untuned.json" if args.no_tune else "overhead.json")
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out)

@@ -10,7 +10,8 @@ rules, both in level units:
   are deterministic and identical whichever estimator trained the model.
 * ``vjp(u, q, grad_q, lo, hi)``: the gradient with respect to ``u`` given the gradient with respect
   to ``q`` (a vector-Jacobian product, so rules that look at the incoming gradient, like EWGS,
-  fit). Quantizers derive every other gradient (input, step size, offset) from it, so any estimator
+  fit). It must be positively homogeneous in ``grad_q`` (``vjp(c g) = c vjp(g)`` for ``c > 0``),
+  which every rule here is: the fused kernel then feeds it the output gradient directly. Quantizers derive every other gradient (input, step size, offset) from it, so any estimator
   plugs into any quantizer.
 
 Estimators whose forward is itself differentiable (DSQ, with its learnable temperature) set
@@ -34,7 +35,10 @@ Bound = int | float | torch.Tensor
 
 
 def _inside(u: torch.Tensor, lo: Bound, hi: Bound) -> torch.Tensor:
-    return (u >= lo) & (u <= hi)
+    """``1[lo <= u <= hi]`` as a float tensor (float masks multiply several times faster than bool)."""
+    if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
+        return ((u >= lo) & (u <= hi)).to(u.dtype)
+    return (u.clamp(lo, hi) == u).to(u.dtype)
 
 
 def _clamp(u: torch.Tensor, lo: Bound, hi: Bound) -> torch.Tensor:
@@ -44,8 +48,8 @@ def _clamp(u: torch.Tensor, lo: Bound, hi: Bound) -> torch.Tensor:
 
 
 def hard_round(u: torch.Tensor, lo: Bound, hi: Bound) -> torch.Tensor:
-    """Round to nearest (ties to even, as ``torch.round``) and clip to ``[lo, hi]``."""
-    return _clamp(torch.round(u), lo, hi)
+    """Round to nearest (ties to even, as ``torch.round``) and clip to ``[lo, hi]`` (one new tensor)."""
+    return torch.round(u).clamp_(lo, hi)
 
 
 class Estimator(nn.Module):
@@ -54,9 +58,10 @@ class Estimator(nn.Module):
     stochastic = False
     differentiable = False
 
-    def quantize(self, u: torch.Tensor, lo: Bound, hi: Bound) -> torch.Tensor:
-        if not self.training:
-            return hard_round(u, lo, hi)
+    def quantize(self, u: torch.Tensor, lo: Bound, hi: Bound, inplace: bool = False) -> torch.Tensor:
+        """Codes of ``u``; ``inplace=True`` lets hard rounding reuse ``u``'s memory (the caller owns ``u``)."""
+        if not self.training or type(self).train_quantize is Estimator.train_quantize:
+            return torch.round(u, out=u).clamp_(lo, hi) if inplace else hard_round(u, lo, hi)
         return self.train_quantize(u, lo, hi)
 
     def train_quantize(self, u: torch.Tensor, lo: Bound, hi: Bound) -> torch.Tensor:
@@ -102,7 +107,9 @@ class ClippedSTE(Estimator):
         self.after_round = bool(after_round)
 
     def vjp(self, u, q, grad_q, lo, hi):
-        return grad_q * _inside(torch.round(u) if self.after_round else u, lo, hi)
+        if self.after_round:
+            return (torch.round(u) == q).to(grad_q.dtype).mul_(grad_q)
+        return _inside(u, lo, hi).mul_(grad_q)
 
     def extra_repr(self):
         return f"after_round={self.after_round}" if self.after_round else ""
@@ -130,7 +137,7 @@ class EWGS(Estimator):
     def vjp(self, u, q, grad_q, lo, hi):
         span = hi - lo
         scale = 1 + self.delta * torch.sign(grad_q) * (u - q) / span
-        return grad_q * scale * _inside(u, lo, hi)
+        return _inside(u, lo, hi).mul_(scale).mul_(grad_q)
 
     def extra_repr(self):
         return f"delta={self.delta}"
@@ -150,7 +157,7 @@ class StochasticRounding(Estimator):
         return floor + (torch.rand_like(u) < (u - floor)).to(u.dtype)
 
     def vjp(self, u, q, grad_q, lo, hi):
-        return grad_q * _inside(u, lo, hi)
+        return _inside(u, lo, hi).mul_(grad_q)
 
 
 class AdditiveNoise(Estimator):
@@ -179,7 +186,7 @@ class AdditiveNoise(Estimator):
         return u + torch.randn_like(u) * 0.5
 
     def vjp(self, u, q, grad_q, lo, hi):
-        return grad_q * _inside(u, lo, hi)
+        return _inside(u, lo, hi).mul_(grad_q)
 
     def extra_repr(self):
         return f"distribution={self.distribution!r}"

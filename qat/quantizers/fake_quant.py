@@ -7,18 +7,18 @@ Forward, with ``x`` already in the grouped view ``(rows, n_groups, group)`` and 
     q     = estimator.quantize(u, lo, hi)       codes (integers for the hard estimators)
     x_hat = q * s_out + beta                    s_out = s unless a separate output scale is given
 
-Backward, from the estimator's vector-Jacobian product ``g_u = vjp(u, q, G * s)`` (``G`` the
-incoming gradient)::
+Backward, from the estimator's vector-Jacobian product (``G`` the incoming gradient; the step
+cancels, ``d(s q)/du * du/dx = q'(u)``, and ``vjp`` is homogeneous in its gradient)::
 
-    dL/dx    = g_u / s
-    dL/ds    = grad_scale * sum_group(G * q - g_u * u / s)      LSQ: round(u) - u inside, the clip value outside
-    dL/dbeta = grad_scale * sum_group(G - g_u / s)              LSQ+: the sum of G over clipped elements
+    dL/dx    = g_x = vjp(u, q, G)
+    dL/ds    = grad_scale * sum_group(G * q - g_x * u)      LSQ: round(u) - u inside, the clip value outside
+    dL/dbeta = grad_scale * sum_group(G - g_x)              LSQ+: the sum of G over clipped elements
 
 With the clipped STE these are exactly LSQ's and LSQ+'s rules (Esser et al., ICLR 2020;
 Bhalgat et al., CVPRW 2020; zhutmost/lsq-net, ParetoQ ``LsqBinaryTernaryExtension``). The
 ``"clip"`` scale mode keeps only the clipped elements' term ``G * q`` (PACT drops the in-range
 rounding term). With ``s_out`` (TWN: threshold and output scale differ) the output scale is a
-statistic without gradient and the input still gets ``g_u / s``.
+statistic without gradient and the input still gets ``g_x``.
 
 Why a custom kernel: autograd through the same expression keeps ``u`` and ``q`` alive for every
 layer (two weight-sized tensors each); this kernel saves only its inputs and recomputes ``u`` and
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from qat.estimators import Bound, Estimator
+from qat.estimators import Bound, Estimator, _inside
 
 
 def reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -40,9 +40,13 @@ def reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum_to_size(shape)
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 def levels(x: torch.Tensor, s: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
-    """``u = (x - beta) / s`` in float32: the one expression forward, backward and export share."""
-    x = x.float()
+    """``u = (x - beta) / s`` in float32 (float64 stays float64): the one expression forward, backward and export share."""
+    x = x.to(_compute_dtype(x.dtype))
     if beta is not None:
         x = x - beta
     return x / s
@@ -67,36 +71,42 @@ def scale_grad(x: torch.Tensor, g: float) -> torch.Tensor:
 
 
 class _FakeQuant(torch.autograd.Function):
+    # The ops below are written in place where a tensor is no longer needed: on CPU a fresh
+    # weight-sized allocation costs as much as the arithmetic, and this runs for every layer twice
+    # per step (benchmarks/overhead.py).
     @staticmethod
     def forward(ctx, x, s, beta, s_out, lo, hi, estimator, grad_scale, scale_mode):
         u = levels(x, s, beta)
-        q = estimator.quantize(u, lo, hi)
-        out = q * (s if s_out is None else s_out)
-        if beta is not None:
-            out = out + beta
+        q = estimator.quantize(u, lo, hi, inplace=not estimator.stochastic)  # u is ours and dies here
         ctx.lo, ctx.hi, ctx.estimator = lo, hi, estimator
         ctx.grad_scale, ctx.scale_mode = grad_scale, scale_mode
         ctx.x_dtype = x.dtype
         saved_q = q if estimator.stochastic else None
         ctx.save_for_backward(x, s, beta, saved_q)
+        scale = s if s_out is None else s_out
+        out = q * scale if saved_q is not None else q.mul_(scale)
+        if beta is not None:
+            out.add_(beta)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, s, beta, q = ctx.saved_tensors
         lo, hi, est = ctx.lo, ctx.hi, ctx.estimator
-        grad = grad.float()
+        grad = grad.to(_compute_dtype(grad.dtype))
         u = levels(x, s, beta)
-        if q is None:
+        recomputed = q is None
+        if recomputed:
             q = est.quantize(u, lo, hi)
-        g_u = est.vjp(u, q, grad * s, lo, hi)
-        g_x = g_u / s
+        # d(s q(u))/du = s q'(u) and du/dx = 1/s cancel: vjp is homogeneous in its gradient.
+        g_x = est.vjp(u, q, grad, lo, hi)
         g_s = g_beta = None
         if ctx.needs_input_grad[1]:
             if ctx.scale_mode == "clip":
-                t = grad * q * ~((u >= lo) & (u <= hi))
+                t = grad * q * (1 - _inside(u, lo, hi))
             else:
-                t = grad * q - g_x * u
+                t = q.mul_(grad) if recomputed else grad * q  # d x_hat/ds = q - q'(u) u
+                t.addcmul_(g_x, u, value=-1)
             g_s = reduce_to(t, s.shape) * ctx.grad_scale
         if beta is not None and ctx.needs_input_grad[2]:
             g_beta = reduce_to(grad - g_x, beta.shape) * ctx.grad_scale

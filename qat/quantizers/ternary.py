@@ -79,9 +79,8 @@ class _SEQ(torch.autograd.Function):
         v = SEQ_LEVELS * r.clamp(-SEQ_CLIP, SEQ_CLIP)
         if q is None:
             q = est.quantize(v, -1, 1)
-        # g_v = dL/dv through the estimator, with value = (alpha / n) * q(v).
-        g_v = est.vjp(v, q, grad * (alpha / SEQ_LEVELS), -1, 1)
-        g_w = g_v * (SEQ_LEVELS / alpha) * inside
+        # value = (alpha / n) q(v), v = n w / alpha: the factors cancel in dL/dw (vjp is homogeneous).
+        g_w = est.vjp(v, q, grad, -1, 1) * inside
         g_alpha = None
         if ctx.needs_input_grad[1]:
             # inside: q/n - q'(v) * r ; outside: sign(w) * Qp with Qp = 1 (reference quirk)

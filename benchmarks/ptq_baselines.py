@@ -1,7 +1,7 @@
 """Round-to-nearest baselines on the embedded SmolLM2-135M: the gap QAT has to close.
 
 Held-out perplexity of the FP model and of round-to-nearest (``MinMax`` / ``Ternary``, no training)
-on all 210 decoder linear layers (embeddings and the tied head stay float), on the last
+on all 210 decoder linear layers (embeddings and the tied head stay float), on the first
 ``--tokens`` tokens of the shipped corpus in blocks of 256. One process, one FP model, each
 setting applied to a copy.
 
@@ -56,7 +56,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
-    blocks = token_blocks(tokenizer, shipped_text(), args.seq_len)[-(args.tokens // args.seq_len) :]
+    blocks = token_blocks(tokenizer, shipped_text(), args.seq_len)[: args.tokens // args.seq_len]  # the held-out split
     rows = {}
     t0 = time.perf_counter()
     rows["fp32"] = perplexity(model, blocks)

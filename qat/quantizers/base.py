@@ -89,7 +89,8 @@ class Quantizer(nn.Module):
         group_size: elements per group along ``in_features`` when ``granularity="group"``.
         symmetric: signed grid centred on zero (True) or unsigned ``[0, 2^b - 1]`` (False).
         narrow: signed grid without its most negative code.
-        estimator: gradient estimator for rounding (default: clipped STE).
+        estimator: gradient estimator for rounding, or a zero-argument factory of one (default:
+            clipped STE). A factory gives every layer its own estimator (DSQ learns per layer).
 
     Raises:
         ValueError: unsupported bits, unknown granularity, group granularity without group size.
@@ -109,7 +110,11 @@ class Quantizer(nn.Module):
         check_granularity(granularity, group_size)
         self.granularity = granularity
         self.group_size = group_size if granularity == "group" else None
-        self.estimator = estimator if estimator is not None else self.default_estimator()
+        if estimator is None:
+            estimator = self.default_estimator()
+        elif not isinstance(estimator, Estimator) and callable(estimator):
+            estimator = estimator()  # a factory (Hydra `_partial_: true`): one estimator per quantizer
+        self.estimator = estimator
         if not isinstance(self.estimator, Estimator):
             raise TypeError(f"estimator must be a qat.estimators.Estimator, got {type(self.estimator).__name__}")
         self.register_buffer("initialized", torch.tensor(False))
@@ -176,6 +181,13 @@ class Quantizer(nn.Module):
             return self._codes(self._view(x), x)
         finally:
             self.train(training)
+
+    def rtn(self) -> "Quantizer":
+        """A fresh round-to-nearest quantizer on the same grid and grouping: this one's PTQ baseline."""
+        from qat.quantizers.minmax import MinMax
+
+        g = self.grid
+        return MinMax(bits=g.bits, granularity=self.granularity, group_size=self.group_size, symmetric=g.signed, narrow=g.narrow)
 
     def bias(self, w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor | None:
         """An extra per-output-row bias the layer adds (Tequila); None for plain quantizers."""

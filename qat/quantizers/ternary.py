@@ -176,6 +176,10 @@ class Ternary(Quantizer):
         bias = self.bias(x.float(), q.reshape(x.shape))
         return self._make_codes(q, x, scale, -1, 1, bias=bias)
 
+    def rtn(self) -> "Ternary":
+        """The absmean ternary grid with the same grouping, untrained and without a dead-zone bias."""
+        return Ternary("absmean", granularity=self.granularity, group_size=self.group_size)
+
     def bias(self, w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor | None:
         """Tequila's dead-zone bias ``lam * sum_{q = 0} W`` per output row (None without a dead zone)."""
         if self.deadzone is None:

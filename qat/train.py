@@ -1,0 +1,172 @@
+"""``qat-train``: compose a run with Hydra, train it with Lightning, report FP / PTQ / QAT.
+
+    qat-train                                    # the main job: SmolLM2-135M, ternary + Tequila
+    qat-train recipe=smollm2_w4_lsq              # a named experiment (recipes/experiment/)
+    qat-train recipe=smollm2_w3_lsq quant.weight.bits=2 trainer.max_steps=50
+
+Each step below is one call; the pieces live in the library. Bad configuration fails before the
+model loads; every user error ends in a one-line message (exit status 2), not a traceback
+(set ``QAT_TRACEBACK=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("qat.train")
+CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError, KeyError)
+
+
+class RunError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def prepare(cfg: DictConfig) -> dict:
+    """Everything that needs no model: quantizer factories (dry-run built), output directory, wandb mode."""
+    from hydra.utils import instantiate
+
+    run_dir = Path(cfg.paths.output_dir)
+    if (run_dir / "metrics.json").exists():
+        raise RunError(f"{run_dir} already holds a finished run (metrics.json); pick another hydra.run.dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"output directory {run_dir} is not writable ({e.strerror}); set hydra.run.dir to a writable path") from None
+    quant = {}
+    for key in ("weight", "activation", "embedding"):
+        node = cfg.quant.get(key)
+        if node is not None:
+            factory = instantiate(node)
+            try:
+                factory()  # dry run: bad bits or granularity fail here, before the model loads
+            except (ValueError, TypeError) as e:
+                raise RunError(f"quant.{key}: {e}") from None
+            quant[key] = factory
+    if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+        os.environ["WANDB_MODE"] = "offline"
+    return quant
+
+
+def ptq_factory(factory):
+    """Round-to-nearest on the same grid as ``factory``'s quantizers (``Quantizer.rtn``)."""
+    return lambda: factory().rtn()
+
+
+def run(cfg: DictConfig) -> float:
+    """The pipeline of DESIGN.md; returns the held-out metric of the trained model (for sweeps)."""
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
+    import qat
+    from qat.lit.checkpoint import AtomicCheckpointIO
+    from qat.models import load_model
+    from qat.runtime import tune_malloc
+
+    t0 = time.perf_counter()
+    quant = prepare(cfg)
+    tune_malloc()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+
+    model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, dtype=cfg.model.dtype)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.setup("fit")
+    heldout = list(datamodule.val_dataloader())
+    objective = instantiate(cfg.module.objective)
+    metric = objective.metric
+    fp = copy.deepcopy(model).eval().requires_grad_(False)
+    metrics: dict = {}
+    if cfg.eval.before:
+        metrics[f"{metric}_fp"] = objective.evaluate(fp, heldout, fp)
+        ptq = copy.deepcopy(fp)
+        qat.quantize_(ptq, weight=ptq_factory(quant["weight"]) if "weight" in quant else None, include=list(cfg.quant.include), exclude=cfg.quant.exclude)
+        metrics[f"{metric}_ptq"] = objective.evaluate(ptq, heldout, fp)
+        del ptq
+
+    try:
+        qat.quantize_(model, weight=quant.get("weight"), activation=quant.get("activation"), embedding=quant.get("embedding"), include=list(cfg.quant.include), exclude=cfg.quant.exclude)
+    except (ValueError, TypeError) as e:
+        raise RunError(str(e)) from None
+    module = instantiate(cfg.module, model=model, teacher=fp if objective.needs_teacher else None, objective=objective)
+    module.reference = {k.rsplit("_", 1)[1]: v for k, v in metrics.items()}
+    loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    if trainer.global_rank != 0:
+        return float("nan")
+    metrics[f"{metric}_qat"] = objective.evaluate(module.model, heldout, fp)
+    tokens_per_step = cfg.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches * datamodule.tokens_per_sample
+    metrics.update(
+        steps=trainer.global_step,
+        tokens=trainer.global_step * tokens_per_step,
+        seconds=round(time.perf_counter() - t0, 1),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        model=cfg.model.name,
+        quant=OmegaConf.to_container(cfg.quant, resolve=True),
+        recipe=cfg.get("recipe_name"),
+    )
+    for lg in loggers:
+        lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, step=trainer.global_step)
+        lg.finalize("success")
+    write_json(run_dir / "metrics.json", metrics)
+    print_summary(metrics, metric, run_dir)
+    return metrics[f"{metric}_qat"]
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def print_summary(metrics: dict, metric: str, run_dir: Path) -> None:
+    name = {"ppl": "held-out perplexity", "cos": "held-out cosine to FP"}[metric]
+    fp = metrics.get(f"{metric}_fp")
+    rows = [("FP", fp), ("PTQ (round-to-nearest)", metrics.get(f"{metric}_ptq")), ("QAT", metrics.get(f"{metric}_qat"))]
+    print(f"\n{'model':<24}{name:>24}" + ("      x FP" if metric == "ppl" and fp else ""))
+    for label, value in rows:
+        if value is None:
+            continue
+        ratio = f"{value / fp:>10.2f}" if metric == "ppl" and fp else ""
+        print(f"{label:<24}{value:>24.4g}{ratio}")
+    print(f"\n{metrics['steps']} steps, {metrics['tokens']} tokens, {metrics['seconds']} s, peak RSS {metrics['peak_rss_mb']:.0f} MB")
+    print(f"outputs: {run_dir} (metrics.json, checkpoints/, csv/, wandb/)")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIGS, config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg)
+    except RunError as e:
+        print(f"qat-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except USER_ERRORS as e:
+        if os.environ.get("QAT_TRACEBACK") == "1":
+            raise
+        print(f"qat-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -86,6 +86,7 @@ def run(cfg: DictConfig) -> float:
     run_dir = Path(cfg.paths.output_dir)
 
     model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, dtype=cfg.model.dtype)
+    log.info("model %s loaded (%.1f s)", cfg.model.name, time.perf_counter() - t0)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     datamodule.setup("fit")
     heldout = list(datamodule.val_dataloader())
@@ -99,13 +100,15 @@ def run(cfg: DictConfig) -> float:
         qat.quantize_(ptq, weight=ptq_factory(quant["weight"]) if "weight" in quant else None, include=list(cfg.quant.include), exclude=cfg.quant.exclude)
         metrics[f"{metric}_ptq"] = objective.evaluate(ptq, heldout, fp)
         del ptq
+        log.info("held-out %s: FP %.4g, PTQ %.4g (%.1f s)", metric, metrics[f"{metric}_fp"], metrics[f"{metric}_ptq"], time.perf_counter() - t0)
 
     try:
         qat.quantize_(model, weight=quant.get("weight"), activation=quant.get("activation"), embedding=quant.get("embedding"), include=list(cfg.quant.include), exclude=cfg.quant.exclude)
     except (ValueError, TypeError) as e:
         raise RunError(str(e)) from None
     module = instantiate(cfg.module, model=model, teacher=fp if objective.needs_teacher else None, objective=objective)
-    module.reference = {k.rsplit("_", 1)[1]: v for k, v in metrics.items()}
+    if metric == "ppl":
+        module.reference_ppl = {k.rsplit("_", 1)[1]: v for k, v in metrics.items()}
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -99,7 +99,7 @@ class QATModule(L.LightningModule):
             raise ValueError(f"quant_delay_steps={quant_delay_steps} must be >= 0")
         self.quant_delay_steps = int(quant_delay_steps)
         self._freeze(tuple(freeze))
-        self.reference = {}  # metric of the FP / PTQ models, for plots (set by the caller)
+        self.reference_ppl: dict = {}  # FP / PTQ perplexity for the curve plot (set by the caller)
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -127,6 +127,7 @@ class QATModule(L.LightningModule):
                     q.enabled = enabled
 
     def on_fit_start(self) -> None:
+        self.model.train()  # from_pretrained returns eval mode; stochastic estimators need training mode
         if self.teacher is not None:
             self.teacher.to(self.device)
         batch = next(iter(self.trainer.datamodule.train_dataloader())) if self.trainer.datamodule else None

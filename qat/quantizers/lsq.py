@@ -18,9 +18,11 @@ Decisions (ALGORITHMS.md section 1):
   whole tensor), which keeps LSQ's balance argument (the relative update of ``s`` matches that
   of the weights) at every granularity. For a per-tensor step this is the whole ``numel``, as in
   zhutmost/lsq-net, which also counts the batch for activations.
-* Init (``init_``): ``s0 = 2 * mean|x| / sqrt(hi)`` per group (the paper). With ``offset=True`` the
-  min/max init of LSQ+: ``s = (max - min) / (hi - lo)``, ``beta = min - lo * s``, so the grid
-  spans the data exactly.
+* Init (``init_``): ``init="lsq"``, the paper's ``s0 = 2 * mean|x| / sqrt(hi)`` per group, or
+  ``init="minmax"``, ``s0 = max|x| / hi``: round-to-nearest's step, which ParetoQ uses for 3- and
+  4-bit LLM weights (the paper's init is tuned for CNNs trained long enough to recover from it).
+  With ``offset=True`` the min/max init of LSQ+: ``s = (max - min) / (hi - lo)``,
+  ``beta = min - lo * s``, so the grid spans the data exactly.
 * ``s`` stays float32 and is floored at 1e-5 in the forward (ParetoQ); ``s <= 0`` would diverge.
 * Any estimator can replace the clipped STE; the gradients above then follow from its ``vjp``
   (see ``qat.quantizers.fake_quant``).
@@ -44,6 +46,8 @@ class LSQ(Quantizer):
             ``symmetric=False`` uses the unsigned grid ``[0, 2^b - 1]`` (non-negative activations,
             or any tensor when combined with ``offset``).
         offset: learn an offset ``beta`` per scale (LSQ+).
+        init: ``"lsq"`` (the paper's step) or ``"minmax"`` (round-to-nearest's step); ignored with
+            ``offset=True``, which always starts from min/max.
 
     Example (ALGORITHMS.md's worked example, step gradient -0.1):
         >>> q = LSQ(bits=2, granularity="tensor")
@@ -55,8 +59,11 @@ class LSQ(Quantizer):
 
     lazy_params = ("scale", "offset")
 
-    def __init__(self, bits=4, granularity="channel", group_size=None, symmetric=True, narrow=False, estimator=None, offset=False):
+    def __init__(self, bits=4, granularity="channel", group_size=None, symmetric=True, narrow=False, estimator=None, offset=False, init="lsq"):
         super().__init__(bits, granularity, group_size, symmetric, narrow, estimator)
+        if init not in ("lsq", "minmax"):
+            raise ValueError(f"LSQ init={init!r} is not 'lsq' or 'minmax'")
+        self.init = init
         if granularity == "token":
             raise ValueError("LSQ learns one step per tensor, channel or group; per-token scales are dynamic (use MinMax)")
         self.use_offset = bool(offset)
@@ -68,6 +75,8 @@ class LSQ(Quantizer):
             s = ((xmax - xmin) / (hi - lo)).clamp_min(LEARNED_EPS)
             self._param("scale", s)
             self._param("offset", xmin - lo * s)
+        elif self.init == "minmax":
+            self._param("scale", (g.abs().amax(-1, keepdim=True) / hi).clamp_min(LEARNED_EPS))
         else:
             s = 2 * g.abs().mean(-1, keepdim=True) / math.sqrt(hi)
             self._param("scale", s.clamp_min(LEARNED_EPS))

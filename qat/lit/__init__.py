@@ -1,0 +1,1 @@
+"""Lightning glue: the data modules, the training modules and their callbacks."""

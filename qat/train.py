@@ -17,6 +17,7 @@ import logging
 import os
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -171,5 +172,29 @@ def main(cfg: DictConfig) -> float:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def _check_output_parent(argv: list[str]) -> None:
+    """Hydra creates the run directory before our code runs: refuse an unwritable one with one line."""
+    run_dirs = [a.split("=", 1)[1] for a in argv if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    for target in run_dirs or ["outputs"]:
+        path = Path(target).expanduser().absolute()
+        while not path.exists():
+            path = path.parent
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=path, prefix=".qat-probe-"))
+            writable = True
+        except OSError:
+            writable = False
+        if not writable:
+            print(f"qat-train: error: cannot create the run directory {target}: {path} is not a writable directory; "
+                  "set hydra.run.dir to a writable path", file=sys.stderr)
+            sys.exit(2)
+
+
+def cli() -> None:
+    """Console entry point (``qat-train``)."""
+    _check_output_parent(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()

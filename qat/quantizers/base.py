@@ -113,10 +113,13 @@ class Quantizer(nn.Module):
         if estimator is None:
             estimator = self.default_estimator()
         elif not isinstance(estimator, Estimator) and callable(estimator):
-            estimator = estimator()  # a factory (Hydra `_partial_: true`): one estimator per quantizer
+            try:  # a factory (Hydra `_partial_: true`): one estimator per quantizer
+                estimator = estimator()
+            except TypeError:
+                pass
+        if not isinstance(estimator, Estimator):
+            raise TypeError(f"estimator must be a qat.estimators.Estimator or a zero-argument factory of one, got {estimator!r}")
         self.estimator = estimator
-        if not isinstance(self.estimator, Estimator):
-            raise TypeError(f"estimator must be a qat.estimators.Estimator, got {type(self.estimator).__name__}")
         self.register_buffer("initialized", torch.tensor(False))
         self._ready = False
         self.enabled = True  # False passes tensors through (a delay before fake quantization starts)

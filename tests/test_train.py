@@ -1,0 +1,179 @@
+"""qat-train end to end: every recipe runs a few steps, the config tree instantiates, resume is exact,
+wandb holds what was logged, and bad input ends in one clear line through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+from qat import train
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = str(ROOT / "configs")
+RECIPES = sorted(p.stem for p in (ROOT / "recipes" / "experiment").glob("*.yaml"))
+# small data so that a step takes a fraction of a second on the real models
+LM_SMALL = ["data.seq_len=32", "data.batch_size=2", "data.eval_batch_size=2", "data.heldout_tokens=64"]
+SENT_SMALL = ["data.max_length=32", "data.batch_size=4", "data.heldout_sentences=8"]
+
+
+def cfg_for(overrides: list[str], run_dir: Path):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    return cfg
+
+
+def small(recipe: str) -> list[str]:
+    return SENT_SMALL if recipe.startswith("minilm") else LM_SMALL
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_runs_a_few_steps(recipe, tmp_path):
+    cfg = cfg_for([f"recipe={recipe}", "debug=fast", "logger=csv", "~callbacks.checkpoint", *small(recipe)], tmp_path)
+    value = train.run(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metric = "cos" if recipe.startswith("minilm") else "ppl"
+    for key in (f"{metric}_fp", f"{metric}_ptq", f"{metric}_qat", "steps", "tokens", "seconds", "peak_rss_mb", "quant"):
+        assert key in metrics, key
+    assert metrics["steps"] == 2 and metrics["tokens"] > 0
+    assert value == metrics[f"{metric}_qat"] and value == value  # finite, not NaN
+    assert metrics["recipe"] == recipe
+    assert (tmp_path / "quant_stats.jsonl").exists() or (tmp_path / "csv" / "quant_stats.jsonl").exists()
+
+
+def test_recipes_open_with_their_command_and_result():
+    for recipe in RECIPES:
+        text = (ROOT / "recipes" / "experiment" / f"{recipe}.yaml").read_text()
+        head = text.split("defaults:")[0]
+        assert "qat-train" in head or "make train" in head, recipe
+        assert "Result:" in head, recipe
+
+
+def _group_options():
+    for group in sorted(p for p in Path(CONFIGS).iterdir() if p.is_dir() and p.name not in ("hydra", "recipe", "hparams_search")):
+        for option in sorted(group.glob("*.yaml")):
+            yield group.name, option.stem
+
+
+@pytest.mark.parametrize("group,option", list(_group_options()))
+def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
+    overrides = [f"{group}={option}"]
+    if group == "data" and option == "sentences":
+        overrides.append("model=minilm")
+    cfg = cfg_for(overrides, tmp_path)
+    node = cfg[group] if group != "debug" else cfg.trainer
+    container = OmegaConf.to_container(node, resolve=True)
+    if group == "module":
+        module = instantiate(node, model=torch.nn.Linear(4, 4), teacher=torch.nn.Linear(4, 4))
+        assert module.configure_optimizers()
+    elif group == "data":
+        from qat.models import load_model
+
+        _, tok = load_model(cfg.model.name)
+        assert instantiate(node, tokenizer=tok) is not None
+    elif group == "quant":
+        for key in ("weight", "activation"):
+            if node.get(key) is not None:
+                assert instantiate(node[key])() is not None
+    elif group in ("optim",):
+        opt = instantiate(node.optimizer)([torch.nn.Parameter(torch.zeros(2))])
+        assert instantiate(node.scheduler)(opt, total_steps=10) is not None
+    elif group in ("logger", "callbacks"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+        for sub in node.values():
+            assert instantiate(sub) is not None
+    elif group == "trainer" or group == "debug":
+        assert instantiate(node, logger=False, enable_checkpointing=False) is not None
+    else:
+        assert container
+
+
+def _csv_losses(run_dir: Path) -> dict[int, float]:
+    import csv
+
+    rows = list(csv.DictReader(open(next(run_dir.rglob("metrics.csv")))))
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    common = ["recipe=smollm2_w4_lsq", "debug=fast", "logger=csv", "eval.before=false", *LM_SMALL, "trainer.deterministic=true", "callbacks.checkpoint.every_n_train_steps=2"]
+    full = tmp_path / "full"
+    train.run(cfg_for([*common, "trainer.max_steps=4"], full))
+    first = tmp_path / "first"
+    train.run(cfg_for([*common, "trainer.max_steps=2"], first))
+    ckpt = first / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    resumed = tmp_path / "resumed"
+    train.run(cfg_for([*common, "trainer.max_steps=4", f"ckpt_path={ckpt}"], resumed))
+    a, b = _csv_losses(full), _csv_losses(resumed)
+    assert 3 in a and 3 in b
+    assert a[3] == b[3]  # the loss of the 4th step, bitwise, quantizer state included
+    m_full = json.loads((full / "metrics.json").read_text())
+    m_res = json.loads((resumed / "metrics.json").read_text())
+    assert m_full["ppl_qat"] == m_res["ppl_qat"]
+
+
+def test_wandb_offline_run_holds_metrics_and_histograms(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    cfg = cfg_for(["debug=fast", "~callbacks.checkpoint", *LM_SMALL], tmp_path)
+    train.run(cfg)
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("wandb_reader", ROOT / "tests" / "lit" / "wandb_reader.py")
+    reader = module_from_spec(spec)
+    spec.loader.exec_module(reader)
+    run = reader.read_run(tmp_path)
+    keys = run.keys()
+    assert "train/loss" in keys and "val/ppl" in keys and "ppl_qat" in keys
+    assert any(k.startswith("quant_hist/") for k in keys)
+    assert run.config["recipe_name"]["value"] == "smollm2_ternary_tequila" if isinstance(run.config.get("recipe_name"), dict) else True
+
+
+def test_a_finished_run_directory_is_never_overwritten(tmp_path):
+    cfg = cfg_for(["recipe=smollm2_w4_lsq", "debug=fast", "logger=csv", "~callbacks.checkpoint", "eval.before=false", *LM_SMALL], tmp_path)
+    train.run(cfg)
+    before = (tmp_path / "metrics.json").read_text()
+    with pytest.raises(train.RunError, match="already holds a finished run"):
+        train.run(cfg)
+    assert (tmp_path / "metrics.json").read_text() == before
+
+
+def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
+    env.pop("QAT_TRACEBACK", None)
+    cmd = [sys.executable, "-m", "qat.train", f"hydra.run.dir={tmp_path / 'run'}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["recipe=no_such_recipe"], ["no_such_recipe", "recipe"]),
+        (["quant.weight.bitz=3"], ["bitz"]),
+        (["recipe=smollm2_w4_lsq", "quant.weight.bits=0"], ["quant.weight", "bits=0", "2 to 8"]),
+        (["recipe=smollm2_w4_lsq", "data.source=/nonexistent/corpus.txt"], ["/nonexistent/corpus.txt"]),
+        (["recipe=smollm2_w4_lsq", "quant.weight.group_size=100", *LM_SMALL], ["group_size=100", "in_features=576", "valid group sizes"]),
+        (["hydra.run.dir=/proc/qat-run"], ["/proc/qat-run"]),
+    ],
+    ids=["unknown-recipe", "mistyped-key", "bits-0", "missing-data", "group-size", "unwritable-dir"],
+)
+def test_cli_bad_input_is_one_clear_message(args, words, tmp_path):
+    out = cli(*args, tmp_path=tmp_path)
+    assert out.returncode != 0
+    err = out.stderr
+    assert "Traceback" not in err, err[-3000:]
+    for w in words:
+        assert w in err, (w, err[-3000:])

@@ -47,6 +47,7 @@ def prepare(cfg: DictConfig) -> dict:
         probe.unlink()
     except OSError as e:
         raise RunError(f"output directory {run_dir} is not writable ({e.strerror}); set hydra.run.dir to a writable path") from None
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)  # what qat-eval rebuilds the model from
     quant = {}
     for key in ("weight", "activation", "embedding"):
         node = cfg.quant.get(key)

@@ -121,6 +121,12 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     m_full = json.loads((full / "metrics.json").read_text())
     m_res = json.loads((resumed / "metrics.json").read_text())
     assert m_full["ppl_qat"] == m_res["ppl_qat"]
+    # qat-eval rebuilds the trained model from the run directory alone
+    from qat.evaluate import evaluate
+
+    assert evaluate(full)["ppl"] == pytest.approx(m_full["ppl_qat"], rel=1e-6)
+    with pytest.raises(FileNotFoundError, match="last.ckpt"):
+        evaluate(tmp_path)
 
 
 def test_wandb_offline_run_holds_metrics_and_histograms(tmp_path, monkeypatch):

@@ -99,7 +99,8 @@ def run(cfg: DictConfig) -> float:
     if cfg.eval.before:
         metrics[f"{metric}_fp"] = objective.evaluate(fp, heldout, fp)
         ptq = copy.deepcopy(fp)
-        qat.quantize_(ptq, weight=ptq_factory(quant["weight"]) if "weight" in quant else None, include=list(cfg.quant.include), exclude=cfg.quant.exclude)
+        rtn = {k: ptq_factory(f) for k, f in quant.items()}
+        qat.quantize_(ptq, **rtn, include=list(cfg.quant.include), exclude=cfg.quant.exclude)
         metrics[f"{metric}_ptq"] = objective.evaluate(ptq, heldout, fp)
         del ptq
         log.info("held-out %s: FP %.4g, PTQ %.4g (%.1f s)", metric, metrics[f"{metric}_fp"], metrics[f"{metric}_ptq"], time.perf_counter() - t0)

@@ -135,6 +135,9 @@ def run(cfg: DictConfig) -> float:
     for lg in loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, step=trainer.global_step)
         lg.finalize("success")
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()  # Lightning leaves the run open; close it so the offline files are complete
     write_json(run_dir / "metrics.json", metrics)
     print_summary(metrics, metric, run_dir)
     return metrics[f"{metric}_qat"]

@@ -109,8 +109,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     common = ["recipe=smollm2_w4_lsq", "debug=fast", "logger=csv", "eval.before=false", *LM_SMALL, "trainer.deterministic=true", "callbacks.checkpoint.every_n_train_steps=2"]
     full = tmp_path / "full"
     train.run(cfg_for([*common, "trainer.max_steps=4"], full))
-    first = tmp_path / "first"
-    train.run(cfg_for([*common, "trainer.max_steps=2"], first))
+    first = tmp_path / "first"  # stopped after 2 steps, same 4-step schedule
+    train.run(cfg_for([*common, "trainer.max_steps=2", "module.total_steps=4"], first))
     ckpt = first / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
     resumed = tmp_path / "resumed"
@@ -140,12 +140,14 @@ def test_wandb_offline_run_holds_metrics_and_histograms(tmp_path, monkeypatch):
 
     spec = spec_from_file_location("wandb_reader", ROOT / "tests" / "lit" / "wandb_reader.py")
     reader = module_from_spec(spec)
+    sys.modules[spec.name] = reader  # its dataclasses look their module up
     spec.loader.exec_module(reader)
     run = reader.read_run(tmp_path)
     keys = run.keys()
     assert "train/loss" in keys and "val/ppl" in keys and "ppl_qat" in keys
     assert any(k.startswith("quant_hist/") for k in keys)
-    assert run.config["recipe_name"]["value"] == "smollm2_ternary_tequila" if isinstance(run.config.get("recipe_name"), dict) else True
+    assert "smollm2_ternary_tequila" in json.dumps(run.config, default=str)  # the resolved config was logged
+    assert any(k.startswith("quant/model.layers.0.") for k in keys)  # per-layer scalars
 
 
 def test_a_finished_run_directory_is_never_overwritten(tmp_path):

@@ -29,8 +29,6 @@ from torch import nn
 from qat.convert import calibrate_, quantized_layers
 from qat.lit.objectives import CausalLM
 
-GROUPS = ("weights", "quant", "adapter")
-
 
 def param_group(name: str, param: nn.Parameter) -> str:
     """Which optimizer group a parameter belongs to, from its qualified name."""

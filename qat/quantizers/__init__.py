@@ -1,10 +1,11 @@
 """Quantizers: one family per file. See ``base.py`` for the contract they share."""
 
 from qat.quantizers.base import Codes, Quantizer
+from qat.quantizers.frozen import Frozen
 from qat.quantizers.lsq import LSQ
 from qat.quantizers.lwc import LWC
 from qat.quantizers.minmax import MinMax
 from qat.quantizers.pact import PACT
 from qat.quantizers.ternary import Ternary
 
-__all__ = ["Codes", "Quantizer", "MinMax", "LSQ", "PACT", "LWC", "Ternary"]
+__all__ = ["Codes", "Quantizer", "MinMax", "LSQ", "PACT", "LWC", "Ternary", "Frozen"]

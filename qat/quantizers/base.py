@@ -22,8 +22,11 @@ from torch import nn
 
 from qat.estimators import ClippedSTE, Estimator
 from qat.grid import Grid, check_granularity, check_shape, group_view
+from qat.quantizers.fake_quant import to_export_precision
 
-EPS = 1e-8  # floor for statistics-derived scales (an all-zero group still divides safely)
+# Floor for statistics-derived scales (an all-zero group still divides safely): float16's smallest
+# subnormal, so the float16-rounded scale the forward uses (fake_quant.to_export_precision) stays > 0.
+EPS = 2.0**-24
 LEARNED_EPS = 1e-5  # floor for learned scales (ParetoQ's clamp): s <= 0 would diverge
 
 
@@ -35,9 +38,10 @@ class Codes:
 
     Attributes:
         codes: integer tensor with the shape of the quantized tensor, values in ``[lo, hi]``.
-        scale: float32 step sizes, shape ``(rows, n_groups, 1)``.
+        scale: float32 step sizes, shape ``(rows, n_groups, 1)``, every value exactly representable
+            in float16 (training uses the float16-rounded scale; see ``qat.quantizers.fake_quant``).
         zero: zero points (integers, or half-integers for SEQ 2-level shifts), or None.
-        offset: float offsets (LSQ+), or None.
+        offset: float offsets (LSQ+), float16-representable like ``scale``, or None.
         bias: a per-output-row term the layer adds to its output (Tequila's folded dead-zone
             bias), or None.
         lo, hi: the code range; bits: storage bits; granularity, group_size: the grouping.
@@ -218,9 +222,12 @@ class Quantizer(nn.Module):
             self.register_buffer(name, value.clone())
 
     def _make_codes(self, q: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int, **extra) -> Codes:
+        if extra.get("offset") is not None:
+            extra["offset"] = to_export_precision(extra["offset"].detach().float())
+        scale = to_export_precision(scale.detach().float())
         return Codes(
             codes=q.reshape(x.shape).to(int_dtype(lo, hi)),
-            scale=scale.detach().float().expand(q.shape[0], q.shape[1], 1).contiguous(),
+            scale=scale.expand(q.shape[0], q.shape[1], 1).contiguous(),
             lo=lo,
             hi=hi,
             bits=self.bits,

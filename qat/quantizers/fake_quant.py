@@ -26,6 +26,15 @@ layer (two weight-sized tensors each); this kernel saves only its inputs and rec
 fake-quantized step close to the unquantized one. Integer zero points are folded into
 per-group bounds (``lo = -z``, ``hi = 2^b - 1 - z``), so ``x_hat = q * s`` equals the exporter's
 ``(c - z) * s`` bitwise.
+
+Export precision (ALGORITHMS.md section 8, "bit-exact recipe"): the packed export stores scales and
+float offsets in float16, so training uses them at that precision: ``s``, ``beta`` and ``s_out``
+are rounded to the nearest float16 value (``to_export_precision``) wherever they are used, in
+``levels`` and in the output product. The rounding is straight-through: the value is ``fp16(s)``
+held in float32, and the gradient computed for that value goes to the float32 master ``s``
+unchanged (the custom kernel rounds inside, so it still saves only its inputs). Because ``levels``
+rounds, every quantizer's ``codes()`` sees the same step as its forward. Dequantizing ``(c - z) * fp16(s)`` in float32 is then exact while ``|c - z| < 2^13``,
+and equal to the training forward bitwise in any case (same operation on the same values).
 """
 
 from __future__ import annotations
@@ -44,12 +53,48 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+FP16_MAX = 65504.0  # largest finite float16: larger scales saturate instead of becoming inf
+
+
+class _RoundToHalf(torch.autograd.Function):
+    """Value rounded to the nearest float16 (kept in the input dtype), gradient the identity."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(t.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def to_export_precision(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` rounded to float16 precision (the exported scale), with a straight-through gradient.
+
+    Idempotent, so rounding twice (on entry to ``fake_quant`` and again in ``levels``) is harmless.
+    Scales are floored well above float16's smallest subnormal (``qat.quantizers.base.EPS``), so a
+    positive scale stays positive.
+
+    Example:
+        >>> to_export_precision(torch.tensor([0.1]))  # 0.1 in float16 is 0.0999755859375
+        tensor([0.1000])
+    """
+    if t is None or not torch.is_tensor(t) or not torch.is_floating_point(t):
+        return t
+    if t.requires_grad:
+        return _RoundToHalf.apply(t)
+    return t.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(t.dtype)
+
+
 def levels(x: torch.Tensor, s: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
-    """``u = (x - beta) / s`` in float32 (float64 stays float64): the one expression forward, backward and export share."""
+    """``u = (x - beta) / s`` in float32 (float64 stays float64): the one expression forward, backward and export share.
+
+    ``s`` and ``beta`` are taken at export precision (float16-rounded; see the module docstring).
+    """
     x = x.to(_compute_dtype(x.dtype))
     if beta is not None:
-        x = x - beta
-    return x / s
+        x = x - to_export_precision(beta)
+    return x / to_export_precision(s)
 
 
 class _GradScale(torch.autograd.Function):
@@ -83,10 +128,10 @@ class _FakeQuant(torch.autograd.Function):
         ctx.x_dtype = x.dtype
         saved_q = q if estimator.stochastic else None
         ctx.save_for_backward(x, s, beta, saved_q)
-        scale = s if s_out is None else s_out
+        scale = to_export_precision(s if s_out is None else s_out)
         out = q * scale if saved_q is not None else q.mul_(scale)
         if beta is not None:
-            out.add_(beta)
+            out.add_(to_export_precision(beta))
         return out.to(x.dtype)
 
     @staticmethod
@@ -138,7 +183,8 @@ def fake_quant(
         s_out: output scale, when it differs from the rounding step (TWN); gets no gradient.
 
     Returns:
-        ``q * s_out + beta`` in the dtype of ``x``.
+        ``q * s_out + beta`` in the dtype of ``x``, with ``s``, ``s_out`` and ``beta`` rounded to
+        float16 precision (straight-through), the precision the export stores.
 
     Example:
         >>> from qat.estimators import ClippedSTE
@@ -146,6 +192,7 @@ def fake_quant(
         tensor([[[ 0.5000, -1.0000]]])
     """
     if estimator.differentiable and estimator.training:
+        s, beta, s_out = to_export_precision(s), to_export_precision(beta), to_export_precision(s_out)
         s = scale_grad(s, grad_scale)
         if beta is not None:
             beta = scale_grad(beta, grad_scale)

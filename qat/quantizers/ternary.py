@@ -20,9 +20,10 @@
     dW_hat/dalpha = round(1.5 u) / 1.5 - W / alpha inside, sign(W) * 1 outside, times 1/sqrt(numel)
 
   We follow the reference code, quirk included: outside the clip the alpha-gradient uses
-  ``Qp = 1`` although the clipped value is 2/3. The value is computed as ``q * (alpha / 1.5)``
-  (the reference divides first, then multiplies by alpha) so the export ``codes * scale`` is
-  bitwise the training forward.
+  ``Qp = 1`` although the clipped value is 2/3. The value is computed as ``q * fp16(alpha / 1.5)``
+  (the reference divides first, then multiplies by alpha; the step is rounded to the float16 the
+  export stores, with a straight-through gradient) so the export ``codes * scale`` is bitwise the
+  training forward.
 
 ``deadzone="tequila"`` (Tequila, arXiv 2509.23809; Tencent/AngelSlim ``UltraQuantV2``): the weights
 the grid rounds to zero, ``D = {q = 0}``, are repurposed as a dynamic bias::
@@ -48,7 +49,7 @@ import torch
 from qat.estimators import STE
 from qat.grid import Grid, check_granularity
 from qat.quantizers.base import LEARNED_EPS, Codes, Quantizer
-from qat.quantizers.fake_quant import fake_quant, levels
+from qat.quantizers.fake_quant import fake_quant, levels, to_export_precision
 
 METHODS = ("absmean", "twn", "seq")
 DEADZONES = (None, "tequila")
@@ -64,7 +65,7 @@ class _SEQ(torch.autograd.Function):
         r = w.float() / alpha
         v = SEQ_LEVELS * r.clamp(-SEQ_CLIP, SEQ_CLIP)
         q = estimator.quantize(v, -1, 1)
-        step = alpha / SEQ_LEVELS
+        step = to_export_precision(alpha / SEQ_LEVELS)  # the exported scale (float16), straight-through
         ctx.estimator, ctx.grad_scale, ctx.w_dtype = estimator, grad_scale, w.dtype
         ctx.save_for_backward(w, alpha, q if estimator.stochastic else None)
         return (q * step).to(w.dtype)
@@ -107,7 +108,7 @@ class Ternary(Quantizer):
         >>> q = Ternary("absmean", granularity="channel", deadzone="tequila")
         >>> w = torch.tensor([[0.4, -0.05, 0.1, -0.6]])
         >>> q(w) + 0.0  # (+ 0.0 prints the -0.0 of round(-0.05 / gamma) as 0.0)
-        tensor([[ 0.2875,  0.0000,  0.0000, -0.2875]])
+        tensor([[ 0.2876,  0.0000,  0.0000, -0.2876]])
         >>> q.bias(w, q(w))
         tensor([5.0000e-05])
     """

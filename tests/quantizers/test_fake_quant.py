@@ -83,8 +83,9 @@ def _inputs(dtype, tensor_bounds, with_beta, seed=0):
     gen = torch.Generator().manual_seed(seed)
     # float32-representable values: levels() computes u from x in float32 (see its docstring)
     x = (torch.randn(ROWS, GROUPS, G, generator=gen) * 1.5).to(dtype)
-    s = (0.2 + 0.3 * torch.rand(ROWS, GROUPS, 1, generator=gen)).to(dtype)
-    beta = (0.3 * torch.randn(ROWS, GROUPS, 1, generator=gen)).to(dtype) if with_beta else None
+    # float16-representable s and beta: the kernel uses them at export precision (test below)
+    s = (0.2 + 0.3 * torch.rand(ROWS, GROUPS, 1, generator=gen)).half().to(dtype)
+    beta = (0.3 * torch.randn(ROWS, GROUPS, 1, generator=gen)).half().to(dtype) if with_beta else None
     if tensor_bounds:  # folded integer zero points: [-z, 7 - z]
         z = torch.randint(0, 8, (ROWS, GROUPS, 1), generator=gen).to(dtype)
         lo, hi = -z, 7 - z
@@ -149,9 +150,9 @@ def test_beta_gradient_is_sum_over_clipped():
     # LSQ+: inside, the two beta terms cancel; outside, dx_hat/dbeta = 1.
     x = torch.tensor([[[-3.0, -0.4, 0.2, 0.6, 2.0]]])
     s = torch.tensor([[[0.5]]], requires_grad=True)
-    beta = torch.tensor([[[0.1]]], requires_grad=True)
+    beta = torch.tensor([[[0.125]]], requires_grad=True)  # float16-exact (the kernel rounds beta to float16)
     g = torch.tensor([[[1.0, 2.0, 3.0, 4.0, 5.0]]])
-    # u = (x - 0.1) / 0.5 = [-6.2, -1, 0.2, 1, 3.8] in [-2, 1]: clipped are the first and last.
+    # u = (x - 0.125) / 0.5 = [-6.25, -1.05, 0.15, 0.95, 3.75] in [-2, 1]: clipped are the first and last.
     fake_quant(x, s, -2, 1, ClippedSTE(), beta=beta).backward(g)
     assert beta.grad.item() == pytest.approx(1.0 + 5.0)
     beta.grad = None
@@ -161,13 +162,14 @@ def test_beta_gradient_is_sum_over_clipped():
 
 def test_clip_mode_pact():
     # PACT drops the in-range rounding term: ds = sum of G * q over the clipped elements only.
-    x = torch.tensor([[[-1.0, 0.4, 1.33, 2.93, 3.5, 7.0]]])
-    s = torch.tensor([[[0.2]]], requires_grad=True)  # alpha = 15 * 0.2 = 3.0, 4-bit unsigned
+    x = torch.tensor([[[-1.0, 0.4, 1.33, 2.93, 3.9, 7.0]]])
+    # alpha = 15 * 0.25 = 3.75, 4-bit unsigned (a float16-exact step: the kernel rounds steps to float16)
+    s = torch.tensor([[[0.25]]], requires_grad=True)
     xr = x.clone().requires_grad_()
     g = torch.tensor([[[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]])
     out = fake_quant(xr, s, 0, 15, ClippedSTE(), scale_mode="clip")
     out.backward(g)
-    assert torch.allclose(out, torch.tensor([[[0.0, 0.4, 1.4, 3.0, 3.0, 3.0]]]), atol=1e-6)
+    assert torch.allclose(out, torch.tensor([[[0.0, 0.5, 1.25, 3.0, 3.75, 3.75]]]), atol=1e-6)
     assert s.grad.item() == pytest.approx(15 * (5.0 + 6.0))
     assert xr.grad.tolist() == [[[0.0, 2.0, 3.0, 4.0, 0.0, 0.0]]]
     # Against a Distiller-style autograd reference: y = clamp(x, lo s, hi s), rounding passed through.
@@ -193,10 +195,10 @@ def test_s_out_twn():
     # Threshold step s and output scale s_out differ; s_out is a statistic without gradient.
     x = torch.tensor([[[-0.9, -0.2, 0.1, 0.35, 0.6]]], requires_grad=True)
     s = torch.tensor([[[0.5]]])
-    s_out = torch.tensor([[[0.7]]], requires_grad=True)
+    s_out = torch.tensor([[[0.75]]], requires_grad=True)  # float16-exact
     out = fake_quant(x, s, -1, 1, STE(), s_out=s_out)
     # round(x / 0.5) clipped to [-1, 1] = [-1(-1.8->-2->-1), 0, 0, 1(0.7), 1(1.2)]
-    assert torch.allclose(out, torch.tensor([[[-0.7, 0.0, 0.0, 0.7, 0.7]]]))
+    assert torch.allclose(out, torch.tensor([[[-0.75, 0.0, 0.0, 0.75, 0.75]]]))
     g = torch.tensor([[[1.0, 2.0, 3.0, 4.0, 5.0]]])
     out.backward(g)
     assert torch.equal(x.grad, g)  # identity STE to the latent weights
@@ -254,9 +256,19 @@ def test_dsq_gradcheck_wrt_step_and_offset_float64():
     est = DSQ(0.3).double().train()
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(2, 2, 4, generator=gen) * 0.8).double()
-    s = torch.full((2, 2, 1), 0.31, dtype=torch.float64, requires_grad=True)
-    beta = torch.full((2, 2, 1), 0.05, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda s, b: fake_quant(x, s, -4, 3, est, beta=b), (s, beta))
+    # float16-exact s and beta: the kernel uses float16-rounded values, with a straight-through
+    # gradient, so its gradient is that of the unrounded formula at those values.
+    s = torch.full((2, 2, 1), 0.3125, dtype=torch.float64, requires_grad=True)
+    beta = torch.full((2, 2, 1), 0.0625, dtype=torch.float64, requires_grad=True)
+
+    def formula(s, b):
+        return est.quantize((x - b) / s, -4, 3) * s + b
+
+    assert torch.autograd.gradcheck(formula, (s, beta))
+    kernel = torch.autograd.grad(fake_quant(x, s, -4, 3, est, beta=beta).sum(), (s, beta))
+    expected = torch.autograd.grad(formula(s, beta).sum(), (s, beta))
+    for a, b in zip(kernel, expected):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape", [(), (1,), (GROUPS, 1), (1, GROUPS, 1), (ROWS, GROUPS, 1)])
@@ -295,7 +307,30 @@ def test_levels_in_float32():
     x = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
     u = levels(x, torch.tensor(0.3), torch.tensor(0.1))
     assert u.dtype == torch.float32
-    assert torch.allclose(u, (torch.tensor([1.0, 2.0]) - 0.1) / 0.3)
+    # s and beta at export precision: float16-rounded
+    s16, b16 = torch.tensor(0.3).half().float(), torch.tensor(0.1).half().float()
+    assert torch.equal(u, (torch.tensor([1.0, 2.0]) - b16) / s16)
+
+
+def test_scales_are_used_at_float16_precision_with_straight_through_gradient():
+    # 0.1 is not a float16 value: the forward uses fp16(0.1) = 0.0999755859375, as the export stores it.
+    x = torch.tensor([[[0.33, -0.52, 0.07]]])
+    s16 = torch.tensor([[[0.1]]]).half().float()
+    assert s16.item() == 0.0999755859375
+    for est in (ClippedSTE(), DSQ(0.2).train()):  # the fused kernel and the autograd path
+        s = torch.tensor([[[0.1]]], requires_grad=True)
+        beta = torch.tensor([[[0.01]]], requires_grad=True)
+        out = fake_quant(x, s, -4, 3, est, beta=beta)
+        ref_s, ref_b = s16.clone().requires_grad_(), torch.tensor([[[0.01]]]).half().float().requires_grad_()
+        ref = fake_quant(x, ref_s, -4, 3, est, beta=ref_b)
+        assert torch.equal(out, ref)
+        g = torch.tensor([[[1.0, -2.0, 0.5]]])
+        out.backward(g)
+        ref.backward(g)
+        assert torch.equal(s.grad, ref_s.grad) and torch.equal(beta.grad, ref_b.grad)
+    # Hard quantization: values are integers times the float16 step, bitwise.
+    out = fake_quant(x, torch.tensor([[[0.1]]]), -4, 3, ClippedSTE())
+    assert torch.equal(out, torch.round(x / s16).clamp(-4, 3) * s16)
 
 
 @pytest.mark.parametrize("est,n_extra", [(ClippedSTE(), 0), (StochasticRounding(), 1)])

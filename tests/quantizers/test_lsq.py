@@ -89,7 +89,7 @@ def test_per_group_gradients_match_manual_loop():
     for r in range(3):
         for i in range(16):
             j = i // G
-            s = q.scale[r, j, 0].item()
+            s = q.scale[r, j, 0].half().item()  # the forward's step: float16-rounded
             u = w[r, i].item() / s
             if u < lo:
                 d = lo
@@ -112,10 +112,10 @@ def test_lsq_plus_beta_gradient_is_sum_over_clipped():
     q.init_(w)
     with torch.no_grad():
         q.scale.copy_(torch.tensor([0.5, 0.25]).view(2, 1, 1))
-        q.offset.copy_(torch.tensor([0.1, 0.45]).view(2, 1, 1))
-    # row 0: u = (w - 0.1) / 0.5 = [-4.2, 0.4, 1, 5.8] in [-2, 1]: first and last clipped.
-    # row 1: u = (w - 0.45) / 0.25 = [-1, -0.2, 0.6, 1.4]: the last clipped... make row 1 fully inside
-    w[1] = torch.tensor([0.2, 0.4, 0.6, 0.65])  # u = [-1, -0.2, 0.6, 0.8]
+        q.offset.copy_(torch.tensor([0.125, 0.4375]).view(2, 1, 1))  # float16-exact offsets
+    # row 0: u = (w - 0.125) / 0.5 = [-4.25, 0.35, 0.95, 5.75] in [-2, 1]: first and last clipped.
+    # row 1: u = (w - 0.4375) / 0.25 = [-0.95, -0.15, 0.65, 1.45]: the last clipped... make row 1 fully inside
+    w[1] = torch.tensor([0.2, 0.4, 0.6, 0.65])  # u = [-0.95, -0.15, 0.65, 0.85]
     grad = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
     (q(w) * grad).sum().backward()
     g = 1 / math.sqrt(4 * 1)
@@ -133,8 +133,10 @@ def test_lsq_plus_min_max_init_reproduces_min_and_max():
         assert torch.allclose(q.scale, (xmax - xmin) / (hi - lo), rtol=1e-6)
         assert torch.allclose(q.offset, xmin - lo * q.scale, rtol=1e-6, atol=1e-6)
         out = q(w).reshape(4, 4, 8)
-        assert torch.allclose(out.amin(-1, keepdim=True), xmin, rtol=0, atol=1e-5)
-        assert torch.allclose(out.amax(-1, keepdim=True), xmax, rtol=0, atol=1e-5)
+        # exactly, up to the float16 rounding of s and beta that the forward applies (half an ulp each)
+        tol = (max(-lo, hi) * q.scale.abs() + q.offset.abs()) * 2.0**-11 + 1e-6
+        assert ((out.amin(-1, keepdim=True) - xmin).abs() <= tol).all()
+        assert ((out.amax(-1, keepdim=True) - xmax).abs() <= tol).all()
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
@@ -144,8 +146,8 @@ def test_output_on_the_grid(config):
     with torch.no_grad():
         q.scale.mul_(0.8)  # some clipping
     out = q(w).detach().double()
-    s = q.scale.double()
-    beta = q.offset.double() if q.use_offset else 0.0
+    s = q.scale.half().double()  # the forward's step and offset: float16-rounded
+    beta = q.offset.half().double() if q.use_offset else 0.0
     levels = (q._view(out) - beta) / s
     assert torch.allclose(levels, levels.round(), rtol=0, atol=1e-4)
     assert levels.round().min() >= q.grid.lo and levels.round().max() <= q.grid.hi

@@ -15,11 +15,18 @@ def round_ste(u):
     return (torch.round(u) - u).detach() + u
 
 
+def f16(v):
+    """``v`` rounded to float16: the precision of the step the forward uses (and the export stores)."""
+    return torch.as_tensor(v, dtype=torch.float32).half().float()
+
+
 def omniquant(w, a, c, bits, symmetric, group=None, zero_ste=False):
     """OpenGVLab/OmniQuant ``UniformAffineQuantizer`` with LWC, written with autograd.
 
     The min/max statistics are taken without gradient (qat's documented decision); ``z`` is
-    rounded with a plain ``round`` (no gradient), or with round_ste as EfficientQAT does.
+    rounded with a plain ``round`` (no gradient), or with round_ste as EfficientQAT does. The step
+    is used at float16 precision (straight-through), as qat trains with the step the export stores;
+    ``z`` comes from the float32 step, as in qat.
     """
     rows = w.shape[0]
     wg = w.reshape(rows, -1, group or w.shape[1])
@@ -36,6 +43,7 @@ def omniquant(w, a, c, bits, symmetric, group=None, zero_ste=False):
         zero_point = -xmin / scale
     zero_point = zero_point.clamp(min=-1e4, max=1e4)
     rzp = round_ste(zero_point) if zero_ste else zero_point.round()
+    scale = scale + (f16(scale.detach()) - scale).detach()
     x_int = (round_ste(wg / scale) + rzp).clamp(0, 2**bits - 1)
     return ((x_int - rzp) * scale).reshape(w.shape)
 
@@ -58,12 +66,12 @@ def test_forward_by_hand():
     w = torch.tensor([[-0.5, -0.1, 0.3, 0.7, 1.0]])
     q = LWC(bits=2)
     out = q(w)
-    h = SIG4 * 1.5 / 3
+    h = f16(SIG4 * 1.5 / 3)  # the step at float16 precision
     assert torch.allclose(out, h * torch.tensor([[-1.0, 0, 1, 1, 2]]), rtol=1e-6)
     c = q.codes(w)
     assert c.codes.tolist() == [[0, 1, 2, 2, 3]]
     assert c.zero.flatten().tolist() == [1.0]
-    assert c.scale.item() == pytest.approx(h, rel=1e-6)
+    assert c.scale.item() == h.item()
 
 
 def test_init_is_close_to_but_not_min_max():
@@ -167,7 +175,7 @@ def test_symmetric_grid():
     assert torch.equal(z, torch.full_like(z, 3.0))
     c = q.codes(w)
     assert c.codes.min() >= 0 and c.codes.max() <= 7
-    levels = (q(w) / h.reshape(4, 1)).detach()
+    levels = (q(w) / f16(h.reshape(4, 1))).detach()
     assert torch.allclose(levels, levels.round(), atol=1e-4)
     assert levels.round().min() >= -3 and levels.round().max() <= 4
 
@@ -204,6 +212,7 @@ def test_idempotent_with_fixed_step():
     q = LWC(bits=3).init_(w)
     once = q(w).detach()
     h, z = q._step_and_zero(q._view(w))
+    h = f16(h.detach())
     again = (torch.clamp(torch.round(q._view(once) / h), -z, 7 - z) * h).reshape(w.shape)
     assert torch.equal(again, once)
 

@@ -13,6 +13,11 @@ def _w(seed=0, shape=(4, 16)):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
+def f16(v):
+    """``v`` rounded to float16: the precision of the step the forward uses (and the export stores)."""
+    return torch.as_tensor(v, dtype=torch.float32).half().float()
+
+
 # -- RTN values by hand -----------------------------------------------------------------------
 
 W = torch.tensor([[0.5, -1.2, 0.25, 0.1], [0.3, -0.1, 0.9, -0.7]])
@@ -22,18 +27,18 @@ def test_symmetric_per_tensor_by_hand():
     # bits 3: [-4, 3]; s = max|w| / 3 = 0.4
     # row 0: u = [1.25, -3, 0.625, 0.25] -> [1, -3, 1, 0]; row 1: u = [0.75, -0.25, 2.25, -1.75] -> [1, 0, 2, -2]
     q = MinMax(bits=3, granularity="tensor")
-    expected = 0.4 * torch.tensor([[1.0, -3, 1, 0], [1, 0, 2, -2]])
-    assert torch.allclose(q(W), expected, rtol=0, atol=1e-6)
+    expected = f16(0.4) * torch.tensor([[1.0, -3, 1, 0], [1, 0, 2, -2]])
+    assert torch.equal(q(W), expected)
     c = q.codes(W)
     assert c.codes.tolist() == [[1, -3, 1, 0], [1, 0, 2, -2]]
-    assert c.scale.flatten().tolist() == pytest.approx([0.4])
+    assert c.scale.flatten().tolist() == [f16(0.4).item()]
 
 
 def test_symmetric_per_channel_by_hand():
     # row 0: s = 0.4 as above; row 1: s = 0.9 / 3 = 0.3, u = [1, -1/3, 3, -7/3] -> [1, 0, 3, -2]
     q = MinMax(bits=3, granularity="channel")
-    expected = torch.tensor([[0.4, -1.2, 0.4, 0.0], [0.3, 0.0, 0.9, -0.6]])
-    assert torch.allclose(q(W), expected, rtol=0, atol=1e-6)
+    expected = torch.tensor([[1.0, -3, 1, 0], [1, 0, 3, -2]]) * f16([[0.4], [0.3]])
+    assert torch.equal(q(W), expected)
     assert q.codes(W).codes.tolist() == [[1, -3, 1, 0], [1, 0, 3, -2]]
 
 
@@ -44,14 +49,14 @@ def test_symmetric_per_group_by_hand():
     # [0.5, -1.2] / 0.4 = [1.25, -3] -> [1, -3]; [0.25, 0.1] / (0.25/3) = [3, 1.2] -> [3, 1]
     # [0.3, -0.1] / 0.1 = [3, -1];               [0.9, -0.7] / 0.3 = [3, -2.33] -> [3, -2]
     assert q.codes(W).codes.tolist() == [[1, -3, 3, 1], [3, -1, 3, -2]]
-    expected = torch.tensor([[0.4, -1.2, 0.25, 0.25 / 3], [0.3, -0.1, 0.9, -0.6]])
-    assert torch.allclose(out, expected, rtol=0, atol=1e-6)
+    steps = f16([[0.4, 0.4, 0.25 / 3, 0.25 / 3], [0.1, 0.1, 0.3, 0.3]])
+    assert torch.equal(out, torch.tensor([[1.0, -3, 3, 1], [3, -1, 3, -2]]) * steps)
 
 
 def test_narrow_grid():
     q = MinMax(bits=3, granularity="tensor", narrow=True)
     assert (q.grid.lo, q.grid.hi) == (-3, 3)
-    assert torch.allclose(q(W), 0.4 * torch.tensor([[1.0, -3, 1, 0], [1, 0, 2, -2]]), atol=1e-6)
+    assert torch.equal(q(W), f16(0.4) * torch.tensor([[1.0, -3, 1, 0], [1, 0, 2, -2]]))
 
 
 def test_asymmetric_by_hand():
@@ -87,7 +92,7 @@ def test_asymmetric_all_positive_keeps_zero_in_range():
     # min is clamped to 0: s = 0.8 / 3, z = 0; u = [0.75, 1.875, 3] -> [1, 2, 3]
     q = MinMax(bits=2, granularity="tensor", symmetric=False)
     w = torch.tensor([[0.2, 0.5, 0.8]])
-    assert torch.allclose(q(w), torch.tensor([[0.8 / 3, 1.6 / 3, 0.8]]), atol=1e-6)
+    assert torch.equal(q(w), f16(0.8 / 3) * torch.tensor([[1.0, 2.0, 3.0]]))
     c = q.codes(w)
     assert c.codes.tolist() == [[1, 2, 3]] and c.zero.flatten().tolist() == [0.0]
     # all negative: max clamped to 0, z = 3
@@ -148,12 +153,12 @@ def test_dynamic_false_freezes_statistics():
     out = static(big)
     assert torch.equal(static.scale, frozen)
     # Values beyond the calibrated range clip to the calibrated grid [-8 s, 7 s], s = max|x| / 7.
-    s = x.abs().amax(1) / 7
-    assert torch.allclose(out.amax(1), 7 * s, rtol=1e-6)
-    assert torch.allclose(out.amin(1), -8 * s, rtol=1e-6)
+    s = f16(x.abs().amax(1) / 7)
+    assert torch.equal(out.amax(1), 7 * s)
+    assert torch.equal(out.amin(1), -8 * s)
     dyn = MinMax(bits=4, granularity="channel")
     assert getattr(dyn, "scale", None) is None
-    assert torch.allclose(dyn(big).abs().amax(1), big.abs().amax(1), rtol=1e-6)
+    assert torch.equal(dyn(big).abs().amax(1), 7 * f16(big.abs().amax(1) / 7))
     # Re-initialising updates in place (same buffer object).
     buf = static.scale
     static.init_(big)
@@ -162,8 +167,8 @@ def test_dynamic_false_freezes_statistics():
 
 def test_static_clip_masks_gradient_beyond_half_a_step():
     x = torch.tensor([[-1.0, 0.5, 1.0]])
-    q = MinMax(bits=3, granularity="tensor", dynamic=False).init_(x)  # s = 1/3, codes [-4, 3]
-    y = torch.tensor([[1.1, 1.2, 1.3, -1.5, -1.6]], requires_grad=True)
+    q = MinMax(bits=3, granularity="tensor", dynamic=False).init_(x)  # s = fp16(1/3), codes [-4, 3]
+    y = torch.tensor([[1.1, 1.2, 1.3, -4.5 * f16(1 / 3).item(), -1.6]], requires_grad=True)
     # u = [3.3, 3.6, 3.9, -4.5, -4.8]; rounded [3, 4, 4, -4 (tie to even), -5]: inside [-4, 3]: 1 0 0 1 0
     q(y).sum().backward()
     assert y.grad.tolist() == [[1.0, 0.0, 0.0, 1.0, 0.0]]

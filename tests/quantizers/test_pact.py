@@ -6,18 +6,23 @@ import torch
 from qat.quantizers import PACT
 
 
+def f16(v):
+    """``v`` rounded to float16: the precision of the step the forward uses (and the export stores)."""
+    return torch.as_tensor(v, dtype=torch.float32).half().float()
+
+
 def test_docstring_example():
     q = PACT(bits=2, alpha=3.0)
     assert q(torch.tensor([-1.0, 0.9, 1.6, 5.0])).tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_unsigned_values_and_gradients():
-    # bits 4: L = 15, step alpha / 15 = 0.2. Values: round(clip(x, 0, 3) * 5) / 5.
-    q = PACT(bits=4, alpha=3.0)
-    x = torch.tensor([-1.0, 0.4, 1.33, 2.93, 3.5, 7.0], requires_grad=True)
+    # bits 4: L = 15, step alpha / 15 = 0.25 (float16-exact). Values: round(clip(x, 0, 3.75) * 4) / 4.
+    q = PACT(bits=4, alpha=3.75)
+    x = torch.tensor([-1.0, 0.4, 1.33, 2.93, 3.9, 7.0], requires_grad=True)
     g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     out = q(x)
-    assert torch.allclose(out, torch.tensor([0.0, 0.4, 1.4, 3.0, 3.0, 3.0]), atol=1e-6)
+    assert torch.equal(out, torch.tensor([0.0, 0.5, 1.25, 3.0, 3.75, 3.75]))
     out.backward(g)
     # dalpha = sum of G over x >= alpha; dx = G on [0, alpha]
     assert q.alpha.grad.item() == pytest.approx(5.0 + 6.0)
@@ -32,10 +37,10 @@ def test_signed_values_and_gradients():
     x = torch.tensor([-5.0, -2.9, -0.4, 0.8, 2.2, 4.0], requires_grad=True)
     g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     out = q(x)
-    s = 2.5 / 7
+    s = f16(2.5 / 7)  # the step at float16 precision
     expected = s * torch.clamp(torch.round(torch.tensor([-5.0, -2.9, -0.4, 0.8, 2.2, 4.0]) / s), -7, 7)
-    assert torch.allclose(out, expected, atol=1e-6)
-    assert out[0].item() == pytest.approx(-2.5) and out[-1].item() == pytest.approx(2.5)
+    assert torch.equal(out, expected)
+    assert out[0].item() == pytest.approx(-2.5, rel=2**-11) and out[-1].item() == pytest.approx(2.5, rel=2**-11)
     out.backward(g)
     assert q.alpha.grad.item() == pytest.approx(-1.0 - 2.0 + 6.0)
     assert torch.allclose(x.grad, torch.tensor([0.0, 0.0, 3.0, 4.0, 5.0, 0.0]), rtol=1e-6, atol=0)
@@ -55,8 +60,9 @@ def test_matches_distiller_reference(signed):
     L = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
     low = -alpha if signed else 0.0
     y = x.clamp(low, alpha)
-    ref = torch.round(y * L / alpha) * alpha / L
-    assert torch.allclose(q(x).detach(), ref, atol=1e-6)
+    s = f16(alpha / L)  # Distiller's step alpha / L, at the float16 precision the forward uses
+    ref = torch.round(y / s) * s
+    assert torch.equal(q(x).detach(), ref)
     inside = (x > low) & (x < alpha)
     assert torch.allclose(xr.grad, g * inside, rtol=1e-6, atol=0)
     d_alpha = (g * (x >= alpha)).sum() - ((g * (x <= -alpha)).sum() if signed else 0)
@@ -115,7 +121,7 @@ def test_codes_dequantize_bitwise(bits, signed):
     assert c.codes.min() >= q.grid.lo and c.codes.max() <= q.grid.hi
     assert c.codes.min() == q.grid.lo and c.codes.max() == q.grid.hi  # clipped on both sides
     assert c.scale.dtype == torch.float32
-    assert c.scale.item() == pytest.approx(q.alpha.item() / q.grid.hi)
+    assert c.scale.item() == f16(q.alpha.item() / q.grid.hi).item()
 
 
 def test_output_on_grid_and_idempotent():
@@ -123,7 +129,7 @@ def test_output_on_grid_and_idempotent():
     x = torch.randn(64) * 2
     q = PACT(bits=3, alpha=1.5)
     out = q(x).detach()
-    lv = out / (1.5 / 7)
+    lv = out / f16(1.5 / 7)
     assert torch.allclose(lv, lv.round(), atol=1e-4)
     assert lv.round().min() >= 0 and lv.round().max() <= 7
     assert torch.equal(q(out), out)

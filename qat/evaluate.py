@@ -28,42 +28,66 @@ def _locate(path: Path) -> tuple[Path, Path]:
     return path, ckpt
 
 
+def load_config(run_dir: Path):
+    """The resolved config ``qat-train`` saved in ``run_dir``.
+
+    Raises:
+        FileNotFoundError: no ``config.yaml`` there.
+    """
+    from omegaconf import OmegaConf
+
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} is missing: the model is rebuilt from the config qat-train saved there")
+    return OmegaConf.load(cfg_file)
+
+
+def build_model(cfg, ckpt: Path, float_copy: bool = False):
+    """The run's model, quantized as in training, with the checkpoint's weights and quantizer state.
+
+    Returns:
+        ``(model, tokenizer, fp)``: ``fp`` is a float copy taken before quantization when
+        ``float_copy`` (a teacher), else None.
+    """
+    import copy
+
+    import torch
+    from hydra.utils import instantiate
+
+    import qat
+    from qat.models import load_model
+
+    model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, dtype=cfg.model.dtype)
+    fp = copy.deepcopy(model).eval() if float_copy else None
+    factories = {k: instantiate(cfg.quant[k]) for k in ("weight", "activation", "embedding") if cfg.quant.get(k) is not None}
+    qat.quantize_(model, include=list(cfg.quant.include), exclude=cfg.quant.exclude, **factories)
+    if cfg.get("adapter"):  # the run's adapters (qat.adapters), so that the checkpoint's keys have their places
+        instantiate(cfg.adapter).apply_(model)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return model, tokenizer, fp
+
+
 def evaluate(path: str | Path, source: str | None = None, seq_len: int | None = None, heldout_tokens: int | None = None) -> dict:
     """Rebuild the run's model from its config, load the checkpoint, return ``{metric: value}``.
 
     Raises:
         FileNotFoundError: no checkpoint or no ``config.yaml`` in its run directory.
     """
-    import torch
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf, open_dict
-
-    import qat
-    from qat.models import load_model
+    from omegaconf import open_dict
 
     run_dir, ckpt = _locate(Path(path))
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} is missing: qat-eval rebuilds the model from the config qat-train saved there")
-    cfg = OmegaConf.load(cfg_file)
+    cfg = load_config(run_dir)
     with open_dict(cfg):
         for key, value in (("source", source), ("seq_len", seq_len), ("heldout_tokens", heldout_tokens)):
             if value is not None:
                 cfg.data[key] = value
-    model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, dtype=cfg.model.dtype)
     objective = instantiate(cfg.module.objective)
-    fp = model
-    if objective.needs_teacher:
-        import copy
-
-        fp = copy.deepcopy(model).eval()
-    factories = {k: instantiate(cfg.quant[k]) for k in ("weight", "activation", "embedding") if cfg.quant.get(k) is not None}
-    qat.quantize_(model, include=list(cfg.quant.include), exclude=cfg.quant.exclude, **factories)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    model, tokenizer, fp = build_model(cfg, ckpt, float_copy=objective.needs_teacher)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     datamodule.setup("validate")
-    value = objective.evaluate(model, list(datamodule.val_dataloader()), fp)
+    value = objective.evaluate(model, list(datamodule.val_dataloader()), fp if fp is not None else model)
     return {objective.metric: value, "checkpoint": str(ckpt), "data": str(cfg.data.source)}
 
 

@@ -1,0 +1,402 @@
+"""The packed format: bit-packed codes, float16 scales, and a model that runs from them.
+
+An export directory holds::
+
+    model.safetensors    per quantized layer NAME (a QuantLinear or QuantEmbedding):
+                           NAME.qweight     uint8, the codes packed by qat.export.pack
+                           NAME.scales      float16 (rows, n_groups)
+                           NAME.zeros       integer zero points (rows, n_groups), narrowest exact dtype
+                           NAME.offsets     float16 offsets (LSQ+), (rows, n_groups)
+                           NAME.extra_bias  float32 (out,), Tequila's folded dead-zone bias
+                           NAME.bias        the layer's own bias, as it was
+                         every other tensor of the model's state dict, as it was (tied copies once)
+    quant_config.json    format, architecture, dtype and, per layer: kind, shape, bits (field width),
+                         grid_bits, lo, hi, granularity, group_size, layout, padding (unused bits
+                         at the end of the packed stream; unused trits for base3), zero, dtype
+    config.json, tokenizer files
+
+Each layer's weight is rebuilt as ``Codes.dequantize()``, i.e. ``(c - z) * s + offset`` on the
+grouped view in float32, the expression the quantizer's eval forward computes. Training rounds
+scales and offsets to float16 (``qat.quantizers.fake_quant.to_export_precision``), so storing
+them in float16 loses nothing and the rebuilt weight equals the fake-quantized weight bitwise;
+``save`` checks this rather than assuming it. Ternary codes use the base-3 layout (1.6 bits per
+weight) by default; other grids use ``ceil(log2(levels))``-bit fields.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.convert import quantized_layers
+from qat.export.pack import pack, packed_numel, unpack
+from qat.nn.embedding import QuantEmbedding
+from qat.nn.linear import QuantLinear
+from qat.quantizers.base import Codes, int_dtype
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+QUANT_CONFIG = "quant_config.json"
+_PARTS = ("qweight", "scales", "zeros", "offsets", "extra_bias")
+_EMBEDDING_ATTRS = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def save(model: nn.Module, tokenizer, tmp_dir: Path, ternary_layout: str = "base3") -> dict:
+    """Write ``model`` (with quantized layers) in the packed format into ``tmp_dir``.
+
+    Args:
+        model: a transformers model whose layers ``qat.quantize_`` swapped.
+        tokenizer: saved beside the model when not None.
+        tmp_dir: an existing, empty directory (``qat.export_`` renames it into place).
+        ternary_layout: ``"base3"`` (5 codes per byte) or ``"bits"`` (4 per byte) for ternary grids.
+
+    Returns:
+        The metadata ``qat.export_`` writes to ``quant_config.json``: architecture, dtype, layers.
+
+    Raises:
+        ValueError: the model has no ``config`` (not a transformers model), or a quantizer whose
+            scales are not float16 values (it did not train at export precision).
+    """
+    from safetensors.torch import save_file
+
+    if not hasattr(model, "config") or not hasattr(model.config, "save_pretrained"):
+        raise ValueError("the packed format rebuilds a transformers model from its config: model has no .config")
+    tensors, layers, skip = {}, {}, set()
+    for name, layer in quantized_layers(model):
+        skip.add(f"{name}.act_quantizer.")  # activation quantization is not exported (see pack_layer)
+        if layer.weight_quantizer is None:
+            continue  # activation-only: the weight stays a plain tensor of the state dict
+        spec, parts = pack_layer(name, layer, ternary_layout)
+        layers[name] = spec
+        tensors.update({f"{name}.{k}": v for k, v in parts.items()})
+        skip |= {f"{name}.weight", f"{name}.weight_quantizer."}
+    dropped = [n for n, spec in layers.items() if spec.get("activation_dropped")]
+    if dropped:
+        log.warning("activation quantization of %d layers (e.g. %s) is not part of the packed format (weights only)", len(dropped), dropped[0])
+    tensors.update(_plain_tensors(model, skip))
+    save_file(tensors, str(tmp_dir / WEIGHTS), metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)  # the user's model keeps its config as it was
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(tmp_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp_dir)
+    dtype = next(model.parameters()).dtype
+    return {"architecture": type(model).__name__, "dtype": str(dtype).removeprefix("torch."), "weights": WEIGHTS, "layers": layers}
+
+
+def pack_layer(name: str, layer: QuantLinear | QuantEmbedding, ternary_layout: str = "base3") -> tuple[dict, dict]:
+    """``(spec, tensors)`` of one quantized layer: its codes packed, its scales in float16.
+
+    Raises:
+        ValueError: scales or offsets that float16 does not hold exactly.
+    """
+    embedding = isinstance(layer, QuantEmbedding)
+    weight = layer.weight if embedding else layer.latent_weight()
+    codes = layer.weight_quantizer.codes(weight)
+    levels = codes.hi - codes.lo + 1
+    bits = max(1, math.ceil(math.log2(levels)))
+    layout = ternary_layout if levels == 3 else "bits"
+    numel = codes.codes.numel()
+    n_bytes = packed_numel(numel, bits, layout)
+    spec = {
+        "kind": "embedding" if embedding else "linear",
+        "shape": list(codes.codes.shape),
+        "dtype": str(weight.dtype).removeprefix("torch."),
+        "bits": bits,
+        "grid_bits": codes.bits,
+        "lo": codes.lo,
+        "hi": codes.hi,
+        "granularity": codes.granularity,
+        "group_size": codes.group_size,
+        "layout": layout,
+        "padding": 5 * n_bytes - numel if layout == "base3" else 8 * n_bytes - bits * numel,
+        "zero": None,
+    }
+    if embedding:
+        spec.update({a: getattr(layer, a) for a in _EMBEDDING_ATTRS})
+    parts = {"qweight": pack(codes.codes, bits, codes.lo, layout), "scales": _float16(codes.scale, name, "scales")}
+    if codes.zero is not None:
+        parts["zeros"] = _narrowest_exact(codes.zero.squeeze(-1))
+        spec["zero"] = str(parts["zeros"].dtype).removeprefix("torch.")
+    if codes.offset is not None:
+        parts["offsets"] = _float16(codes.offset, name, "offsets")
+    if codes.bias is not None:
+        parts["extra_bias"] = codes.bias.detach().float().contiguous()
+    if not embedding and getattr(layer, "act_quantizer", None) is not None:
+        spec["activation_dropped"] = True  # the packed format is weight-only
+    return spec, parts
+
+
+def _float16(t: torch.Tensor, name: str, what: str) -> torch.Tensor:
+    half = t.squeeze(-1).half().contiguous()
+    if not torch.equal(half.float(), t.squeeze(-1).float()):
+        raise ValueError(
+            f"{name}: {what} are not float16 values, so a float16 export would not be exact; the quantizer "
+            "must use qat.quantizers.fake_quant.to_export_precision (every qat quantizer does)"
+        )
+    return half
+
+
+def _narrowest_exact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the first of uint8, int16, float16, float32 that holds every value exactly."""
+    for dtype in (torch.uint8, torch.int16, torch.float16):
+        info = torch.iinfo(dtype) if not dtype.is_floating_point else torch.finfo(dtype)
+        if t.min() >= info.min and t.max() <= info.max and torch.equal(t.to(dtype).to(t.dtype), t):
+            return t.to(dtype).contiguous()
+    return t.float().contiguous()
+
+
+def _plain_tensors(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
+    """The state dict without ``skip`` (exact keys, or prefixes ending in '.'), tied tensors once."""
+    prefixes = tuple(p for p in skip if p.endswith("."))
+    out, views, storages = {}, set(), set()
+    for key, t in model.state_dict().items():
+        if key in skip or key.startswith(prefixes):
+            continue
+        storage = t.untyped_storage().data_ptr()
+        view = (storage, t.storage_offset(), tuple(t.shape), t.stride())
+        if view in views:
+            continue  # tied (lm_head = embed_tokens): the model ties it again on load
+        # safetensors refuses two tensors on one storage: a different view of a stored one is copied
+        out[key] = t.detach().clone() if storage in storages else t.detach().contiguous()
+        views.add(view)
+        storages.add(storage)
+    return out
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+class _PackedWeight(nn.Module):
+    """The packed tensors of one layer and the exact dequantization shared by linear and embedding."""
+
+    def _init_packed(self, spec: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.spec = spec
+        self.shape = torch.Size(spec["shape"])
+        self.weight_dtype = getattr(torch, spec["dtype"])
+        for part in _PARTS:
+            self.register_buffer(part, tensors.get(part))
+
+    def codes(self) -> Codes:
+        """The layer's integer codes and parameters, as the quantizer's ``codes()`` returned them."""
+        sp = self.spec
+        c = unpack(self.qweight, sp["bits"], sp["lo"], self.shape.numel(), sp["layout"])
+        return Codes(
+            codes=c.reshape(self.shape).to(int_dtype(sp["lo"], sp["hi"])),
+            scale=self.scales.float().unsqueeze(-1),
+            lo=sp["lo"],
+            hi=sp["hi"],
+            bits=sp["grid_bits"],
+            granularity=sp["granularity"],
+            group_size=sp["group_size"],
+            zero=None if self.zeros is None else self.zeros.float().unsqueeze(-1),
+            offset=None if self.offsets is None else self.offsets.float().unsqueeze(-1),
+            bias=self.extra_bias,
+        )
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``(c - z) * s (+ offset)`` in float32, then the original weight dtype: the fake-quant weight, bitwise."""
+        return self.codes().dequantize().to(self.weight_dtype)
+
+
+class PackedLinear(_PackedWeight):
+    """A linear layer stored as packed codes; unpacks and dequantizes its weight at every forward.
+
+    ``y = x @ W^T + bias (+ extra_bias)``, the order ``QuantLinear`` computes it in, with ``W`` from
+    ``dequantized_weight()``. Built by ``load_packed``; the buffers are those of the export file.
+
+    Example:
+        >>> model = load_packed("outputs/run/export")  # doctest: +SKIP
+        >>> model.model.layers[0].mlp.down_proj  # doctest: +SKIP
+        PackedLinear(in_features=1536, out_features=576, bits=4, granularity='group', group_size=32)
+    """
+
+    def __init__(self, spec: dict, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
+        super().__init__()
+        self._init_packed(spec, tensors)
+        self.out_features, self.in_features = self.shape
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight()
+        y = F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return y if self.extra_bias is None else y + self.extra_bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        sp = self.spec
+        s = f"in_features={self.in_features}, out_features={self.out_features}, bits={sp['bits']}, granularity={sp['granularity']!r}"
+        return s + (f", group_size={sp['group_size']}" if sp["group_size"] else "")
+
+
+class PackedEmbedding(_PackedWeight):
+    """An embedding table stored as packed codes (the export of a ``QuantEmbedding``)."""
+
+    def __init__(self, spec: dict, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self._init_packed(spec, tensors)
+        self.num_embeddings, self.embedding_dim = self.shape
+        for attr in _EMBEDDING_ATTRS:
+            setattr(self, attr, spec[attr])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        table = self.dequantized_weight()
+        return F.embedding(ids, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+
+def load_packed(path: str | Path) -> nn.Module:
+    """Rebuild a runnable transformers model from a packed export directory.
+
+    The architecture class named in ``quant_config.json`` is built from the saved ``config.json``
+    (without random initialisation), its quantized layers are replaced by ``PackedLinear`` /
+    ``PackedEmbedding`` modules holding the packed tensors, and every other tensor is loaded as
+    saved. The tokenizer, where one was exported, loads with ``AutoTokenizer.from_pretrained(path)``.
+
+    Args:
+        path: a directory written by ``qat.export_(model, path, format="packed")``.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        FileNotFoundError: no ``quant_config.json`` or weights file in ``path``.
+        ValueError: the directory holds another format, or its tensors do not match the architecture.
+
+    Example:
+        >>> model = qat.load_packed("outputs/run/export")  # doctest: +SKIP
+        >>> model(input_ids).logits  # doctest: +SKIP
+    """
+    import transformers
+    from safetensors.torch import load_file
+    from transformers.initialization import no_init_weights
+
+    from qat.convert import _set_module
+
+    path = Path(path)
+    meta = read_quant_config(path)
+    if meta.get("format") != "packed":
+        raise ValueError(f"{path} holds a {meta.get('format')!r} export, not a packed one: load it with its own runtime")
+    cls = getattr(transformers, meta["architecture"], None)
+    if cls is None:
+        raise ValueError(f"{path}: transformers has no class {meta['architecture']!r} (installed version {transformers.__version__})")
+    config = transformers.AutoConfig.from_pretrained(path)
+    with no_init_weights():
+        model = cls(config)
+    model.to(getattr(torch, meta["dtype"]))
+    model.tie_weights()  # before the swap: a tied head keeps its own Parameter if the embedding is packed
+    state = load_file(str(path / meta["weights"]))
+    for name, spec in meta["layers"].items():
+        parts = {p: state.pop(f"{name}.{p}") for p in _PARTS if f"{name}.{p}" in state}
+        if spec["kind"] == "embedding":
+            _set_module(model, name, PackedEmbedding(spec, parts))
+        else:
+            _set_module(model, name, PackedLinear(spec, parts, state.pop(f"{name}.bias", None)))
+    _load_plain(model, state, path)
+    return model.eval()
+
+
+def _load_plain(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    packed = {k for k, m in model.named_modules() if isinstance(m, _PackedWeight)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    loaded = {own[k].data_ptr() for k in state}
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in packed and own[k].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise ValueError(f"{path}: the weights do not match {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def requantize_(model: nn.Module) -> nn.Module:
+    """Turn a ``load_packed`` model's packed layers back into ``QuantLinear`` / ``QuantEmbedding``, in place.
+
+    Each gets its dequantized weight and a ``qat.quantizers.Frozen`` quantizer holding the packed
+    codes, so ``export_`` can write the same codes in another format (hf, gguf, compressed-tensors).
+
+    Example:
+        >>> export_(requantize_(load_packed("out/w4")), "out/w4-gguf", format="gguf")  # doctest: +SKIP
+    """
+    from qat.convert import _set_module
+    from qat.quantizers.frozen import Frozen
+
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, _PackedWeight)]:
+        codes = m.codes()
+        weight = nn.Parameter(m.dequantized_weight(), requires_grad=False)
+        if isinstance(m, PackedEmbedding):
+            table = nn.Embedding(m.num_embeddings, m.embedding_dim, m.padding_idx, _weight=weight)
+            new = QuantEmbedding(table, Frozen(codes))
+        else:
+            new = QuantLinear(weight, m.bias, Frozen(codes))
+        _set_module(model, name, new)
+    return model
+
+
+def read_quant_config(path: str | Path) -> dict:
+    """The ``quant_config.json`` of an export directory.
+
+    Raises:
+        FileNotFoundError: ``path`` is not an export directory.
+    """
+    file = Path(path) / QUANT_CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a qat export directory: it has no {QUANT_CONFIG}")
+    return json.loads(file.read_text())
+
+
+def size_report(path: str | Path) -> dict:
+    """Sizes of a packed export against the theoretical size of its grids.
+
+    ``theoretical = sum(grid_bits * n / 8) + 2 bytes per scale, zero point and offset + the extra
+    bias (float32) + every unquantized tensor as stored``, with ``grid_bits`` the grid's information
+    (log2(3) for ternary). ``bits_per_weight`` counts the codes, scales, zeros, offsets and extra bias
+    of the quantized layers per quantized weight.
+
+    Example:
+        >>> size_report("out/w4")["bits_per_weight"]  # doctest: +SKIP
+        4.5
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta = read_quant_config(path)
+    file = path / meta["weights"]
+    sizes = {}
+    with safe_open(str(file), "pt") as f:
+        for key in f.keys():
+            sl = f.get_slice(key)
+            itemsize = torch.empty(0, dtype=_SAFETENSORS_DTYPES[sl.get_dtype()]).element_size()
+            sizes[key] = (math.prod(sl.get_shape()), itemsize)
+    n_weights = layer_bytes = ideal = 0
+    for name, spec in meta["layers"].items():
+        numel = math.prod(spec["shape"])
+        n_weights += numel
+        ideal += spec["grid_bits"] * numel / 8
+        for part in _PARTS:
+            if f"{name}.{part}" in sizes:
+                n, itemsize = sizes.pop(f"{name}.{part}")
+                layer_bytes += n * itemsize
+                ideal += 0 if part == "qweight" else n * (4 if part == "extra_bias" else 2)
+    plain = sum(n * itemsize for n, itemsize in sizes.values())
+    file_bytes = file.stat().st_size
+    return {
+        "file_bytes": file_bytes,
+        "theoretical_bytes": round(ideal + plain),
+        "ratio": file_bytes / (ideal + plain),
+        "bits_per_weight": 8 * layer_bytes / max(n_weights, 1),
+        "quantized_weights": n_weights,
+        "unquantized_bytes": plain,
+    }
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}

@@ -1,0 +1,138 @@
+"""compressed-tensors pack-quantized export: the package decompresses our fake-quant weights bitwise.
+
+One SmolLM2 export holds a different grid in each of the first blocks (several config groups,
+asymmetric zero points, a width stored wider than trained); it is loaded back two ways: through
+the package's ``PackedQuantizationCompressor.decompress`` on the saved tensors; a one-grid export
+goes through transformers' compressed-tensors integration, as a user loads it.
+"""
+
+import copy
+import functools
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from torch import nn
+
+from qat.convert import quantize_
+from qat.export import compressed
+from qat.nn.linear import QuantLinear
+from qat.quantizers import LSQ, MinMax, Ternary
+
+P = functools.partial
+GRIDS = {
+    0: P(LSQ, bits=4, granularity="group", group_size=32),
+    1: P(MinMax, bits=4, granularity="group", group_size=32, symmetric=False),
+    2: P(MinMax, bits=8, granularity="channel"),
+    3: P(MinMax, bits=8, granularity="group", group_size=64, symmetric=False),
+    4: P(LSQ, bits=3, granularity="group", group_size=32),
+    5: P(Ternary, "absmean", granularity="group", group_size=64),
+}
+EXPECT = {  # block -> (stored num_bits, symmetric, strategy, group_size)
+    0: (4, True, "group", 32),
+    1: (4, False, "group", 32),
+    2: (8, True, "channel", None),
+    3: (8, False, "group", 64),
+    4: (4, True, "group", 32),
+    5: (4, True, "group", 64),
+}
+
+
+def quantize_blocks_(model, grids):
+    """Give each listed decoder block's Linear layers their own grid (quantize_ takes one per call)."""
+    for i, factory in grids.items():
+        block = model.model.layers[i]
+        for name, m in list(block.named_modules()):
+            if type(m) is nn.Linear:
+                parent, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent), child, QuantLinear.from_float(m, factory()))
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(smollm2, tmp_path_factory):
+    model = quantize_blocks_(copy.deepcopy(smollm2[0]), GRIDS)
+    out = tmp_path_factory.mktemp("ct")
+    info = compressed.save(model, smollm2[1], out)
+    return model, out, info
+
+
+def ours(model, name):
+    layer = model.get_submodule(name)
+    return layer.weight_quantizer.codes(layer.latent_weight().detach())
+
+
+def quantized_names(model):
+    return [f"model.layers.{i}.{p}" for i in GRIDS for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+def test_config_describes_each_grid(exported):
+    model, out, info = exported
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert "lm_head" in qc["ignore"] and "model.layers.6.self_attn.q_proj" in qc["ignore"]
+    seen = {}
+    for group in qc["config_groups"].values():
+        w = group["weights"]
+        assert w["type"] == "int"
+        for target in group["targets"]:
+            seen[target] = (w["num_bits"], w["symmetric"], w["strategy"], w["group_size"])
+    assert seen == {n: EXPECT[int(n.split(".")[2])] for n in quantized_names(model)}
+    trained = {g["trained_bits"] for g in info["config_groups"].values() if g["num_bits"] == 4}
+    assert trained == {2, 3, 4}  # ternary and 3-bit stored as int4
+
+
+def test_transformers_loads_an_asymmetric_int4_export_bitwise(smollm2, tmp_path):
+    # transformers 5.24 dequantizes on load with the first config group for every layer, so this
+    # user path is checked on a one-grid export (the mixed one is checked through the package below).
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    model = quantize_(copy.deepcopy(smollm2[0]), weight=P(MinMax, bits=4, granularity="group", group_size=32, symmetric=False))
+    compressed.save(model, smollm2[1], tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=CompressedTensorsConfig(dequantize=True))
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.17.self_attn.k_proj", "model.layers.29.mlp.down_proj"):
+        assert torch.equal(loaded.get_submodule(name).weight, ours(model, name).dequantize()), name
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = smollm2[1]("The quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_the_pack_quantized_compressor_decompresses_the_saved_tensors(exported):
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    model, out, _ = exported
+    state = load_file(out / compressed.FILENAME)
+    qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    for scheme in qc.config_groups.values():
+        for name in scheme.targets:
+            local = {k.removeprefix(name + "."): v for k, v in state.items() if k.startswith(name + ".")}
+            assert "weight" not in local and local["weight_packed"].dtype == torch.int32
+            w = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+            assert torch.equal(w, ours(model, name).dequantize()), name
+
+
+@pytest.mark.parametrize(
+    "factory, match",
+    [
+        (P(LSQ, bits=4, granularity="group", group_size=32, symmetric=False, offset=True), "offset"),
+        (P(Ternary, "absmean", granularity="channel", deadzone="tequila"), "Tequila"),
+    ],
+)
+def test_grids_the_format_cannot_hold_are_refused(factory, match):
+    w = torch.randn(8, 64)
+    with pytest.raises(ValueError, match=match):
+        compressed.weight_args(factory().init_(w).codes(w), "layer")
+
+
+def test_save_refuses_a_model_without_quantized_layers(smollm2, tmp_path):
+    with pytest.raises(ValueError, match="no quantized Linear"):
+        compressed.save(smollm2[0], smollm2[1], tmp_path)
+    model = quantize_(copy.deepcopy(smollm2[0]), weight=P(LSQ, bits=4, granularity="group", group_size=32, offset=True, symmetric=False), include="model.layers.0.*")
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj: an LSQ\\+ offset"):
+        compressed.save(model, smollm2[1], tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,244 @@
+"""GGUF export: gguf-py reads back our fake-quant weights bitwise, per ggml type, on SmolLM2.
+
+One export holds a different grid in each of the first blocks (so one file, read once, covers
+them all: reading a GGUF file's 49k-token vocabulary takes seconds). Block layouts are also checked
+on random codes against gguf-py's dequantizers (llama.cpp's ``dequantize_row_*`` in numpy).
+"""
+
+import copy
+import functools
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+from qat.convert import quantize_
+from qat.export import gguf as qgguf
+from qat.nn.embedding import QuantEmbedding
+from qat.nn.linear import QuantLinear
+from qat.quantizers import LSQ, MinMax, Ternary
+
+P = functools.partial
+GRIDS = {  # block index -> weight quantizer
+    0: P(LSQ, bits=4, granularity="group", group_size=32),
+    1: P(MinMax, bits=4, granularity="group", group_size=32),
+    2: P(MinMax, bits=8, granularity="group", group_size=32),
+    3: P(Ternary, "absmean", granularity="group", group_size=64),
+    4: P(Ternary, "absmean", granularity="channel"),
+    5: P(Ternary, "absmean", granularity="channel", deadzone="tequila"),
+    6: P(LSQ, bits=3, granularity="channel"),
+}
+PROJ = {  # HF module -> GGUF tensor
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def quantize_blocks_(model, grids):
+    """Give each listed decoder block's Linear layers their own grid (quantize_ takes one per call)."""
+    for i, factory in grids.items():
+        block = model.model.layers[i]
+        for name, m in list(block.named_modules()):
+            if type(m) is nn.Linear:
+                parent, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent), child, QuantLinear.from_float(m, factory()))
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(smollm2, tmp_path_factory):
+    """(model, GGUFReader, save's report) for one mixed-grid SmolLM2 export (ternary as TQ2_0)."""
+    model = quantize_blocks_(copy.deepcopy(smollm2[0]), GRIDS)
+    # A quantized embedding table: token_embd becomes Q4_0 and the tied head keeps the latent table.
+    table = MinMax(bits=4, granularity="group", group_size=32)
+    model.model.embed_tokens = QuantEmbedding.from_float(model.model.embed_tokens, table)
+    out = tmp_path_factory.mktemp("gguf")
+    info = qgguf.save(model, smollm2[1], out)
+    return model, gguf.GGUFReader(out / qgguf.FILENAME), info
+
+
+def gguf_to_hf(reader, gguf_name, hf_name, cfg):
+    """Dequantize one tensor with gguf-py and undo the Q/K permutation the way transformers' loader does."""
+    t = next(t for t in reader.tensors if t.name == gguf_name)
+    w = gguf.quants.dequantize(t.data, t.tensor_type)
+    if hf_name.endswith(("q_proj", "k_proj")):
+        n_kv = cfg.num_attention_heads if hf_name.endswith("q_proj") else cfg.num_key_value_heads
+        w = LlamaTensorProcessor()._reverse_permute_weights(w, cfg.num_attention_heads, n_kv)
+    return t.tensor_type.name, torch.from_numpy(np.array(w))
+
+
+def ours(model, name):
+    layer = model.get_submodule(name)
+    return layer.weight_quantizer.codes(layer.latent_weight().detach())
+
+
+def check_block(model, reader, i, expected_types):
+    for proj, gname in PROJ.items():
+        hf_name = f"model.layers.{i}.{proj}"
+        qtype, w = gguf_to_hf(reader, f"blk.{i}.{gname}.weight", hf_name, model.config)
+        assert qtype == expected_types(proj), (hf_name, qtype)
+        assert torch.equal(w, ours(model, hf_name).dequantize()), hf_name
+
+
+@pytest.mark.parametrize("block", [0, 1])
+def test_int4_sym_g32_is_q4_0_bitwise(exported, block):
+    model, reader, _ = exported
+    check_block(model, reader, block, lambda proj: "Q4_0")
+
+
+def test_int8_g32_is_q8_0_bitwise(exported):
+    model, reader, _ = exported
+    check_block(model, reader, 2, lambda proj: "Q8_0")
+
+
+def test_ternary_g64_is_q4_0_bitwise(exported):
+    model, reader, _ = exported
+    check_block(model, reader, 3, lambda proj: "Q4_0")
+
+
+def test_ternary_per_channel_uses_tq2_0_where_rows_split_into_256_blocks(exported):
+    # in_features 1536 (down_proj) splits into 256-blocks; 576 does not, so those rows are Q4_0.
+    model, reader, _ = exported
+    check_block(model, reader, 4, lambda proj: "TQ2_0" if proj == "mlp.down_proj" else "Q4_0")
+
+
+def test_ternary_per_channel_as_tq1_0_is_bitwise(exported):
+    model = exported[0]
+    name = "model.layers.4.mlp.down_proj"
+    codes, shape = ours(model, name), tuple(model.get_submodule(name).weight.shape)
+    qtype = qgguf.ggml_type(codes, shape[1], ternary="TQ1_0")
+    assert qtype.name == "TQ1_0"
+    w = gguf.quants.dequantize(qgguf.encode(codes, shape, qtype), qtype)
+    assert torch.equal(torch.from_numpy(w), codes.dequantize())
+
+
+def test_3bit_sym_is_stored_exactly_as_q4_0(exported):
+    model, reader, _ = exported
+    check_block(model, reader, 6, lambda proj: "Q4_0")
+
+
+def test_tequila_bias_is_written_as_llama_bias_tensors(exported):
+    model, reader, _ = exported
+    cfg = model.config
+    check_block(model, reader, 5, lambda proj: "TQ2_0" if proj == "mlp.down_proj" else "Q4_0")
+    for proj, gname in PROJ.items():
+        hf_name = f"model.layers.5.{proj}"
+        qtype, b = gguf_to_hf(reader, f"blk.5.{gname}.bias", hf_name, cfg)
+        assert qtype == "F32"
+        assert torch.equal(b, ours(model, hf_name).bias), hf_name
+    assert not any(t.name == "blk.4.attn_q.bias" for t in reader.tensors)  # no dead zone, no bias
+
+
+def test_embedding_head_float_tensors_tokenizer_and_metadata(exported, smollm2):
+    model, reader, info = exported
+    tensors = {t.name: t for t in reader.tensors}
+    assert "blk.7.attn_q.weight" in tensors and len(tensors) == 3 + 30 * 9 + 7  # embd, head, norm; 7 Tequila biases
+
+    def read(name):
+        t = tensors[name]
+        return t.tensor_type.name, torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
+
+    embed = model.model.embed_tokens
+    assert read("token_embd.weight")[0] == "Q4_0"
+    assert torch.equal(read("token_embd.weight")[1], embed.weight_quantizer.codes(embed.weight.detach()).dequantize())
+    assert read("output.weight")[0] in ("F32", "F16")  # the tied head multiplies by the latent table
+    assert torch.equal(read("output.weight")[1], embed.weight.detach())
+    norm = model.model.layers[9].post_attention_layernorm.weight.detach()
+    assert read("blk.9.ffn_norm.weight")[0] == "F32"
+    assert torch.equal(read("blk.9.ffn_norm.weight")[1], norm)
+    qtype, w = gguf_to_hf(reader, "blk.8.attn_k.weight", "model.layers.8.self_attn.k_proj", model.config)
+    assert torch.equal(w, model.model.layers[8].self_attn.k_proj.weight.detach())  # unquantized layers: permuted back exactly
+    fields = reader.fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
+    assert fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert len(fields["tokenizer.ggml.tokens"].data) == len(smollm2[1])
+    assert info["tensor_types"]["Q4_0"] == 1 + 4 * 7 + 6 + 6 and info["tensor_types"]["TQ2_0"] == 2
+
+
+@pytest.mark.parametrize(
+    "factory, match",
+    [
+        (P(MinMax, bits=4, granularity="group", group_size=32, symmetric=False), "asymmetric"),
+        (P(LSQ, bits=4, granularity="group", group_size=32, symmetric=False, offset=True), "offset"),
+        (P(LSQ, bits=4, granularity="group", group_size=16), "inside a 32-weight ggml block"),
+    ],
+)
+def test_grids_without_an_exact_ggml_type_are_refused(factory, match):
+    w = torch.randn(16, 64)
+    codes = factory().init_(w).codes(w)
+    with pytest.raises(ValueError, match=match) as e:
+        qgguf.ggml_type(codes, 64, name="blk")
+    assert "symmetric=true" in str(e.value) and "group_size 32" in str(e.value)
+
+
+def test_rows_that_do_not_split_into_blocks_are_refused():
+    w = torch.randn(8, 48)
+    with pytest.raises(ValueError, match="in_features=48 does not split into 32-weight"):
+        qgguf.ggml_type(LSQ(bits=4, granularity="channel").init_(w).codes(w), 48)
+
+
+def test_scales_that_are_not_float16_are_refused():
+    w = torch.randn(8, 64)
+    codes = LSQ(bits=4, granularity="group", group_size=32).init_(w).codes(w)
+    codes.scale = codes.scale + 1e-6  # between two float16 values
+    with pytest.raises(ValueError, match="float16"):
+        qgguf.ggml_type(codes, 64)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"weight": P(MinMax, bits=4, granularity="group", group_size=32, symmetric=False)}, "q_proj: an asymmetric grid"),
+        ({"weight": GRIDS[0], "activation": P(LSQ, bits=8, granularity="tensor")}, "q_proj quantizes its input activations"),
+    ],
+)
+def test_save_refuses_before_writing(smollm2, tmp_path, kwargs, match):
+    model = quantize_(copy.deepcopy(smollm2[0]), include="model.layers.0.self_attn.q_proj", **kwargs)
+    with pytest.raises(ValueError, match=match):
+        qgguf.save(model, smollm2[1], tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_refuses_other_architectures_and_models_without_a_source_gguf(minilm, exported, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="llama-architecture"):
+        qgguf.save(minilm[0], minilm[1], tmp_path)
+    model = exported[0]
+    monkeypatch.setattr(model, "name_or_path", str(tmp_path))
+    monkeypatch.setattr(model.config, "_name_or_path", str(tmp_path))
+    with pytest.raises(ValueError, match="source=<file.gguf>"):
+        qgguf.save(model, None, tmp_path)
+
+
+@pytest.mark.parametrize("qtype, lo, hi", [("Q4_0", -8, 7), ("Q8_0", -128, 127), ("TQ2_0", -1, 1), ("TQ1_0", -1, 1)])
+def test_block_bytes_match_gguf_dequantize_on_random_codes(qtype, lo, hi):
+    g = torch.Generator().manual_seed(0)
+    qt = gguf.GGMLQuantizationType[qtype]
+    block = gguf.GGML_QUANT_SIZES[qt][0]
+    q = torch.randint(lo, hi + 1, (6, 2 * 256), generator=g, dtype=torch.int8)
+    q[0, :block] = lo  # extremes
+    q[1, :block] = hi
+    d = (torch.rand(6, q.shape[1] // block, generator=g) * 0.1).half()
+    d[2, 0] = 6e-8  # a float16 subnormal
+    if qtype.startswith("TQ"):
+        raw = qgguf.pack_ternary(q.numpy(), d.numpy(), qt)
+    else:
+        raw = {"Q4_0": qgguf.pack_q4_0, "Q8_0": qgguf.pack_q8_0}[qtype](q.numpy(), d.numpy())
+    assert raw.shape == (6, q.shape[1] // block * gguf.GGML_QUANT_SIZES[qt][1])
+    expected = q.float() * d.float().repeat_interleave(block, dim=1)
+    assert torch.equal(torch.from_numpy(gguf.quants.dequantize(raw, qt)), expected)
+
+
+def test_hf_to_gguf_rows_inverts_transformers_reverse_permute():
+    for n_head, n_kv in [(9, 9), (9, 3)]:
+        w = np.arange(n_kv * 64 * 3).reshape(n_kv * 64, 3)
+        back = LlamaTensorProcessor()._reverse_permute_weights(qgguf.hf_to_gguf_rows(w, n_kv), n_head, n_kv)
+        assert np.array_equal(back, w)

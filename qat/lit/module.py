@@ -138,6 +138,39 @@ class QATModule(L.LightningModule):
             calibrate_(self.model, {k: v.to(self.device) for k, v in batch.items()})
             self._broadcast_quantizers()
 
+    def configure_model(self) -> None:
+        """Shard the model with FSDP2 when the strategy gives a device mesh (``trainer=fsdp``).
+
+        Every block the model declares unsplittable (``_no_split_modules``: a transformers model's
+        decoder layers) becomes one ``fully_shard`` unit, so its QuantLinear layers and their
+        quantizers' parameters are sharded, gathered for compute and checkpointed with the layer;
+        the rest (embeddings, final norm, head) forms the root unit. A 2-D mesh (nodes x devices)
+        shards within a node and replicates across nodes (HSDP). Without a mesh nothing changes.
+
+        Raises:
+            ValueError: the model names no unsplittable block to shard; activation quantizers still
+                to be initialised from data (that happens in ``on_fit_start``, after sharding).
+        """
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        mesh = self.device_mesh
+        if mesh is None or isinstance(self.model, FSDPModule):  # one process, DDP, or sharded already
+            return
+
+        if any(getattr(layer, "act_quantizer", None) is not None and not layer.act_quantizer._ready
+               for _, layer in quantized_layers(self.model)):
+            raise ValueError("trainer=fsdp shards the model before activation quantizers are calibrated on data, "
+                             "which it does not support yet: quantize activations with trainer=ddp (or quant.activation=null)")
+
+        names = set(getattr(self.model, "_no_split_modules", None) or ())
+        blocks = [m for m in self.model.modules() if type(m).__name__ in names]
+        if not blocks:
+            raise ValueError(f"FSDP shards the model's blocks, but {type(self.model).__name__} declares none "
+                             "(_no_split_modules): set it to the class names of its layers")
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
     def _broadcast_quantizers(self) -> None:
         """Make data-initialised quantizer parameters identical on every rank (rank 0's)."""
         if self.trainer.world_size <= 1:
@@ -195,6 +228,8 @@ class QATModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameter_groups())
+        if getattr(optimizer, "forward_only", False) and self.automatic_optimization:
+            raise ValueError(f"{type(optimizer).__name__} is a forward-only optimizer: use it with module=zo")
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=self.total_steps)

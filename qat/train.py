@@ -37,17 +37,18 @@ def prepare(cfg: DictConfig) -> dict:
     """Everything that needs no model: quantizer factories (dry-run built), output directory, wandb mode."""
     from hydra.utils import instantiate
 
+    check_trainer(cfg)
+    check_forward_only(cfg)
     run_dir = Path(cfg.paths.output_dir)
     if (run_dir / "metrics.json").exists():
         raise RunError(f"{run_dir} already holds a finished run (metrics.json); pick another hydra.run.dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        os.rmdir(tempfile.mkdtemp(dir=run_dir, prefix=".write-test-"))  # a name of its own: every rank probes
     except OSError as e:
         raise RunError(f"output directory {run_dir} is not writable ({e.strerror}); set hydra.run.dir to a writable path") from None
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)  # what qat-eval rebuilds the model from
+    if launch_rank() == 0:  # the ranks of a distributed run share the run directory
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)  # what qat-eval rebuilds the model from
     quant = {}
     for key in ("weight", "activation", "embedding"):
         node = cfg.quant.get(key)
@@ -61,6 +62,39 @@ def prepare(cfg: DictConfig) -> dict:
     if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
         os.environ["WANDB_MODE"] = "offline"
     return quant
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (0 before Lightning starts other processes)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Processes against devices and launcher (``qat.distributed.check_launch``), before any model loads."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from qat.distributed import check_launch
+
+    sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        check_launch(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes, sweep=sweep)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+
+
+def check_forward_only(cfg: DictConfig) -> None:
+    """A forward-only module (``module=zo``) has no gradients to clip or accumulate: refuse those settings."""
+    from hydra.utils import get_class
+
+    if not getattr(get_class(cfg.module._target_), "forward_only", False):
+        return
+    if cfg.trainer.get("gradient_clip_val"):
+        raise RunError("module=zo trains forward-only, there is no gradient to clip: add trainer.gradient_clip_val=null")
+    if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
+        raise RunError("module=zo trains forward-only: use optim.optimizer.n (seeds per step) instead of trainer.accumulate_grad_batches")
 
 
 def ptq_factory(factory):
@@ -96,7 +130,7 @@ def run(cfg: DictConfig) -> float:
     metric = objective.metric
     fp = copy.deepcopy(model).eval().requires_grad_(False)
     metrics: dict = {}
-    if cfg.eval.before:
+    if cfg.eval.before and launch_rank() == 0:  # the other ranks would only repeat it
         metrics[f"{metric}_fp"] = objective.evaluate(fp, heldout, fp)
         ptq = copy.deepcopy(fp)
         rtn = {k: ptq_factory(f) for k, f in quant.items()}
@@ -109,6 +143,9 @@ def run(cfg: DictConfig) -> float:
         qat.quantize_(model, weight=quant.get("weight"), activation=quant.get("activation"), embedding=quant.get("embedding"), include=list(cfg.quant.include), exclude=cfg.quant.exclude)
     except (ValueError, TypeError) as e:
         raise RunError(str(e)) from None
+    adapter = instantiate(cfg.adapter) if cfg.get("adapter") else None  # L4Q / LoRA / scale-only (qat.adapters)
+    if adapter is not None:
+        adapter.apply_(model)
     module = instantiate(cfg.module, model=model, teacher=fp if objective.needs_teacher else None, objective=objective)
     if metric == "ppl":
         module.reference_ppl = {k.rsplit("_", 1)[1]: v for k, v in metrics.items()}
@@ -116,12 +153,15 @@ def run(cfg: DictConfig) -> float:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
+    callbacks += adapter.callbacks() if adapter is not None else []
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
+    # every rank evaluates: a sharded (trainer=fsdp) model runs its forward collectively; rank 0 reports
+    value = objective.evaluate(module.model, heldout, fp)
     if trainer.global_rank != 0:
         return float("nan")
-    metrics[f"{metric}_qat"] = objective.evaluate(module.model, heldout, fp)
+    metrics[f"{metric}_qat"] = value
     tokens_per_step = cfg.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches * datamodule.tokens_per_sample
     metrics.update(
         steps=trainer.global_step,
@@ -138,9 +178,31 @@ def run(cfg: DictConfig) -> float:
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish()  # Lightning leaves the run open; close it so the offline files are complete
+    if adapter is not None:
+        from qat.adapters import save_adapters
+
+        save_adapters(module.model, run_dir / "adapter")  # peft's format (scale-only: its own file)
+    if cfg.export.enabled:  # after save_adapters: export merges adapters into the model
+        metrics["export"] = str(export_run(module.model, tokenizer, run_dir, cfg.export.format, trainer))
     write_json(run_dir / "metrics.json", metrics)
     print_summary(metrics, metric, run_dir)
     return metrics[f"{metric}_qat"]
+
+
+def export_run(model, tokenizer, run_dir: Path, format: str, trainer) -> Path | None:
+    """Rank 0: the trained model in ``run_dir/export`` (packed) or ``run_dir/export-<format>``."""
+    from torch.distributed.tensor import DTensor
+
+    from qat.export import export_
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):  # sharded (trainer=fsdp): rank 0 holds shards only
+        log.warning("export skipped under FSDP: run `qat-export %s --format %s` on the checkpoint", run_dir, format)
+        return None
+    out = run_dir / ("export" if format == "packed" else f"export-{format}")
+    try:
+        return export_(model, out, format=format, tokenizer=tokenizer, overwrite=True)
+    except ValueError as e:
+        raise RunError(f"export: {e} (set export.enabled=false to skip the export)") from None
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -38,7 +38,26 @@ def overhead(r: dict) -> str:
     return "\n".join(rows)
 
 
-TABLES = {"ptq_baselines": ptq_baselines, "overhead": overhead}
+def _recipes_by_quant() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "recipes" / "experiment").glob("*.yaml")):
+        m = re.search(r"override /quant: (\S+)", path.read_text())
+        found.setdefault(m.group(1) if m else "ternary_tequila", []).append(path.stem)  # no override: the default
+    return found
+
+
+def export_size(r: dict) -> str:
+    recipes = _recipes_by_quant()
+    rows = ["| quant config | recipes | bits per weight | packed file (MB) | file / theoretical |", "|---|---|---|---|---|"]
+    for name, v in r["results"].items():
+        used = ", ".join(f"`{x}`" for x in recipes.get(name, [])) or "-"
+        rows.append(f"| `{name}` | {used} | {v['bits_per_weight']:.3f} | {v['file_bytes'] / 1e6:.1f} | {v['ratio']:.4f} |")
+    rows.append(f"\nBits per weight: codes, scales, zero points, offsets and the Tequila bias over the quantized weights; "
+                f"the file also holds the float32 embedding table ({r['results'][next(iter(r['results']))]['unquantized_bytes'] / 1e6:.0f} MB).")
+    return "\n".join(rows)
+
+
+TABLES = {"ptq_baselines": ptq_baselines, "overhead": overhead, "export_size": export_size}
 
 
 def main() -> None:

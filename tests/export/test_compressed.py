@@ -14,11 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from torch import nn
 
 from qat.convert import quantize_
 from qat.export import compressed
-from qat.nn.linear import QuantLinear
 from qat.quantizers import LSQ, MinMax, Ternary
 
 P = functools.partial
@@ -40,20 +38,9 @@ EXPECT = {  # block -> (stored num_bits, symmetric, strategy, group_size)
 }
 
 
-def quantize_blocks_(model, grids):
-    """Give each listed decoder block's Linear layers their own grid (quantize_ takes one per call)."""
-    for i, factory in grids.items():
-        block = model.model.layers[i]
-        for name, m in list(block.named_modules()):
-            if type(m) is nn.Linear:
-                parent, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent), child, QuantLinear.from_float(m, factory()))
-    return model
-
-
 @pytest.fixture(scope="module")
-def exported(smollm2, tmp_path_factory):
-    model = quantize_blocks_(copy.deepcopy(smollm2[0]), GRIDS)
+def exported(smollm2, tmp_path_factory, quantize_blocks):
+    model = quantize_blocks(copy.deepcopy(smollm2[0]), GRIDS)
     out = tmp_path_factory.mktemp("ct")
     info = compressed.save(model, smollm2[1], out)
     return model, out, info

@@ -12,13 +12,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from qat.convert import quantize_
 from qat.export import gguf as qgguf
 from qat.nn.embedding import QuantEmbedding
-from qat.nn.linear import QuantLinear
 from qat.quantizers import LSQ, MinMax, Ternary
 
 P = functools.partial
@@ -42,21 +40,10 @@ PROJ = {  # HF module -> GGUF tensor
 }
 
 
-def quantize_blocks_(model, grids):
-    """Give each listed decoder block's Linear layers their own grid (quantize_ takes one per call)."""
-    for i, factory in grids.items():
-        block = model.model.layers[i]
-        for name, m in list(block.named_modules()):
-            if type(m) is nn.Linear:
-                parent, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent), child, QuantLinear.from_float(m, factory()))
-    return model
-
-
 @pytest.fixture(scope="module")
-def exported(smollm2, tmp_path_factory):
+def exported(smollm2, tmp_path_factory, quantize_blocks):
     """(model, GGUFReader, save's report) for one mixed-grid SmolLM2 export (ternary as TQ2_0)."""
-    model = quantize_blocks_(copy.deepcopy(smollm2[0]), GRIDS)
+    model = quantize_blocks(copy.deepcopy(smollm2[0]), GRIDS)
     # A quantized embedding table: token_embd becomes Q4_0 and the tied head keeps the latent table.
     table = MinMax(bits=4, granularity="group", group_size=32)
     model.model.embed_tokens = QuantEmbedding.from_float(model.model.embed_tokens, table)

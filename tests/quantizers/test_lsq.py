@@ -290,3 +290,19 @@ def test_state_dict_round_trip_into_fresh_quantizer(config):
     assert torch.equal(fresh(w2), q(w2))
     assert torch.equal(fresh(w), q(w))
     assert {n for n, _ in fresh.named_parameters()} == {n for n, _ in q.named_parameters()}
+
+
+def test_lsq_plus_rtn_init_puts_zero_on_the_grid_and_matches_round_to_nearest():
+    from qat.quantizers import MinMax
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 64) * 0.05 + 0.01
+    plus = LSQ(bits=3, granularity="group", group_size=32, symmetric=False, offset=True, init="rtn").init_(w)
+    rtn = MinMax(bits=3, granularity="group", group_size=32, symmetric=False).init_(w)
+    # the same codes as asymmetric round-to-nearest up to the float16 offset (a tie may fall either way)
+    assert (plus.codes(w).codes != rtn.codes(w).codes).float().mean() < 0.01
+    assert ((plus(w) - rtn(w)).abs() > 1e-3).float().mean() < 0.01  # equal values but for those ties
+    zero = plus(torch.zeros(16, 64))  # 0 lands on a level (up to the offset's float16 rounding)
+    assert zero.abs().max() < 1e-3
+    span = LSQ(bits=3, granularity="group", group_size=32, symmetric=False, offset=True, init="minmax").init_(w)
+    assert span(torch.zeros(16, 64)).abs().max() > 1e-3  # the min/max span generally misses 0

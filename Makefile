@@ -28,7 +28,11 @@ test: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline \
 	  $(BIN)/python -m pytest -q
 
+# The slow tests also run llama.cpp on our GGUF exports: llama-cpp-python has no wheel here, so it is
+# built once from PyPI's source distribution (several minutes; GGML_NATIVE=OFF avoids CPU paths the
+# build machine has but a sandbox may refuse).
 test-slow: install
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install -q -e ".[llamacpp]"
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q -m slow
 
 bench: install

@@ -154,7 +154,11 @@ def run(cfg: DictConfig) -> float:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
     callbacks += adapter.callbacks() if adapter is not None else []
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    # without our checkpoint callback (~callbacks.checkpoint) no checkpoint is written, rather than
+    # Lightning's default one (the full model and optimizer state, into the logger's folder)
+    checkpointing = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                          enable_checkpointing=checkpointing)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     # every rank evaluates: a sharded (trainer=fsdp) model runs its forward collectively; rank 0 reports

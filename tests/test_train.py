@@ -49,6 +49,7 @@ def test_every_recipe_runs_a_few_steps(recipe, tmp_path):
     assert value == metrics[f"{metric}_qat"] and value == value  # finite, not NaN
     assert metrics["recipe"] == recipe
     assert (tmp_path / "quant_stats.jsonl").exists() or (tmp_path / "csv" / "quant_stats.jsonl").exists()
+    assert not list(tmp_path.rglob("*.ckpt"))  # ~callbacks.checkpoint: no checkpoint at all (not Lightning's default)
 
 
 def test_recipes_open_with_their_command_and_result():

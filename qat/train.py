@@ -187,7 +187,9 @@ def run(cfg: DictConfig) -> float:
 
         save_adapters(module.model, run_dir / "adapter")  # peft's format (scale-only: its own file)
     if cfg.export.enabled:  # after save_adapters: export merges adapters into the model
-        metrics["export"] = str(export_run(module.model, tokenizer, run_dir, cfg.export.format, trainer))
+        exported = export_run(module.model, tokenizer, run_dir, cfg.export.format, trainer)
+        if exported is not None:  # None: skipped (a sharded model; qat-export works from the checkpoint)
+            metrics["export"] = str(exported)
     write_json(run_dir / "metrics.json", metrics)
     print_summary(metrics, metric, run_dir)
     return metrics[f"{metric}_qat"]

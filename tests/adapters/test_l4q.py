@@ -130,23 +130,12 @@ def test_hand_computed_tiny_case():
     assert x.grad.tolist()[0] == pytest.approx([0.3125, -0.1875], abs=1e-6)
 
 
-def train_steps(model: nn.Module, steps: int = 4, lr: float = 1e-2) -> None:
-    torch.manual_seed(1)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    x, target = torch.randn(16, 32), torch.randn(16, 8)
-    for _ in range(steps):
-        loss = (model(x) - target).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_merged_model_equals_trained_model_and_lies_on_the_grid(bias):
+def test_merged_model_equals_trained_model_and_lies_on_the_grid(bias, train_steps):
     m = quantized_tiny(bias=bias)
     L4Q(config()).apply_(m)
-    train_steps(m)
+    train_steps(m, 32, 8)
     assert torch.count_nonzero(m.up.lora_B["default"].weight) > 0
     m.eval()
     x = torch.randn(7, 32)
@@ -162,7 +151,7 @@ def test_merged_model_equals_trained_model_and_lies_on_the_grid(bias):
         assert torch.equal(codes.dequantize(), layer.weight_quantizer(w).detach())
 
 
-def test_only_adapter_and_quantizer_parameters_train():
+def test_only_adapter_and_quantizer_parameters_train(train_steps):
     m = quantized_tiny()
     L4Q(config()).apply_(m)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
@@ -171,7 +160,7 @@ def test_only_adapter_and_quantizer_parameters_train():
         for layer in ("up", "down")
         for suffix in ("lora_A.default.weight", "lora_B.default.weight", "base_layer.weight_quantizer.scale", "base_layer.weight_quantizer.offset")
     }
-    train_steps(m, steps=1)
+    train_steps(m, 32, 8, steps=1)
     assert m.up.base_layer.weight.grad is None  # W0 never gets a dense gradient
 
 

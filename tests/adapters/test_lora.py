@@ -47,18 +47,8 @@ def config(**kw) -> LoraConfig:
     return LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["up", "down"], **kw})
 
 
-def train_steps(model, steps=4, lr=1e-2):
-    torch.manual_seed(1)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    x, target = torch.randn(16, 32), torch.randn(16, 32)
-    for _ in range(steps):
-        loss = (model(x) - target).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
 
-
-def test_lora_sits_beside_a_frozen_round_to_nearest_base():
+def test_lora_sits_beside_a_frozen_round_to_nearest_base(train_steps):
     m = quantized_tiny()
     x = torch.randn(5, 32)
     rtn = quantized_tiny(functools.partial(MinMax, bits=3, granularity="group", group_size=16))
@@ -68,7 +58,7 @@ def test_lora_sits_beside_a_frozen_round_to_nearest_base():
     assert {n for n, p in m.named_parameters() if p.requires_grad} == {
         f"{l}.lora_{f}.default.weight" for l in ("up", "down") for f in "AB"
     }
-    train_steps(m)
+    train_steps(m, 32, 32)
     layer = m.up
     a, b, c = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
     w0 = layer.base_layer.weight.detach().clone()
@@ -79,11 +69,11 @@ def test_lora_sits_beside_a_frozen_round_to_nearest_base():
 
 
 @pytest.mark.parametrize("mode", ["lora", "l4q"])
-def test_peft_format_save_and_load_round_trip(mode, tmp_path):
+def test_peft_format_save_and_load_round_trip(mode, tmp_path, train_steps):
     factory, build = (W3, LoRA) if mode == "lora" else (W4_PLUS, L4Q)
     m = quantized_tiny(factory)
     build(config()).apply_(m)
-    train_steps(m)
+    train_steps(m, 32, 32)
     m.eval()
     path = save_adapters(m, tmp_path / "adapter")
     saved = json.loads((path / "adapter_config.json").read_text())

@@ -36,16 +36,6 @@ LSQ_RTN = functools.partial(LSQ, bits=4, granularity="group", group_size=16, ini
 ASYM_RTN = functools.partial(MinMax, bits=3, granularity="group", group_size=16, symmetric=False)
 
 
-def train_steps(model, steps=5, lr=1e-2):
-    torch.manual_seed(1)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    x, target = torch.randn(16, 64), torch.randn(16, 4)
-    for _ in range(steps):
-        loss = (model(x) - target).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
 
 def test_frozen_codes_init_is_round_to_nearest_bitwise():
     w = torch.randn(8, 32)
@@ -93,14 +83,14 @@ def test_hand_computed_step_gradient_has_no_ste():
     assert fq.scale.grad.item() == 2.0
 
 
-def test_training_changes_scales_only_and_every_code_stays():
+def test_training_changes_scales_only_and_every_code_stays(train_steps):
     m = quantized_tiny(LSQ_RTN)
     rtn_codes = {n: m.get_submodule(n).weight_quantizer.codes(m.get_submodule(n).latent_weight()).codes.clone() for n in ("up", "down")}
     ScaleOnly().apply_(m)
     assert {n for n, p in m.named_parameters() if p.requires_grad} == {"up.weight_quantizer.scale", "down.weight_quantizer.scale"}
     assert m.up.weight is None  # no float weight is kept
     scales = {n: m.get_submodule(n).weight_quantizer.scale.detach().clone() for n in ("up", "down")}
-    train_steps(m)
+    train_steps(m, 64, 4, steps=5)
     for n in ("up", "down"):
         fq = m.get_submodule(n).weight_quantizer
         assert torch.equal(fq.q, rtn_codes[n])
@@ -144,10 +134,10 @@ def test_codes_from_a_run_checkpoint(tmp_path):
         ScaleOnly(checkpoint=str(tmp_path / "none" / "last.ckpt")).apply_(quantized_tiny(LSQ_RTN))
 
 
-def test_save_and_load_round_trip(tmp_path):
+def test_save_and_load_round_trip(tmp_path, train_steps):
     m = quantized_tiny(ASYM_RTN)
     ScaleOnly(train_zero=True).apply_(m)
-    train_steps(m)
+    train_steps(m, 64, 4, steps=5)
     save_adapters(m, tmp_path / "adapter")
     fresh = quantized_tiny(ASYM_RTN)
     load_adapters(fresh, tmp_path / "adapter")

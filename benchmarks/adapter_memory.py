@@ -8,6 +8,9 @@ full training step (forward, backward, AdamW step), for three modes, each in its
 * ``l4q``: LSQ+ w4 group-32 with L4Q adapters (r 16) on all seven projections of every block;
 * ``scale_only``: w4 group-32 round-to-nearest codes frozen, only the step sizes trained (PEQA).
 
+``--chunked-loss N`` computes the cross-entropy N tokens of logits at a time (``qat.lit.chunked_loss``,
+``objective.chunk_tokens`` in the configs), in all three modes: the 49k-vocabulary logits, their
+log-softmax and gradient (about 600 MB at this batch) are then never whole.
 ``--checkpointing`` recomputes each decoder block in the backward, in all three modes: at this
 batch the activations kept for the backward (about 1.7 GB: 30 blocks plus the 49k-vocabulary
 logits and their log-softmax) are the same in every mode and alone weigh 40% of full QAT's peak,
@@ -19,7 +22,7 @@ through ``/proc/self/clear_refs`` once the model is built (loading peaks are not
 with the low glibc mmap threshold of ``benchmarks/overhead.py`` (whose helpers it uses) so freed
 tensors leave the process. Targets (issue 4): L4Q <= 0.6x full QAT, scale-only <= 0.5x.
 
-    .venv/bin/python benchmarks/adapter_memory.py [--steps 3] [--threads 2] [--checkpointing]
+    .venv/bin/python benchmarks/adapter_memory.py [--steps 3] [--threads 2] [--checkpointing] [--chunked-loss 256]
 
 Writes ``benchmarks/results/adapter_memory.json`` and prints a markdown table.
 """
@@ -85,11 +88,12 @@ def materialize_(model) -> None:
                 module._parameters[name] = copies[id(p)]
 
 
-def measure(mode: str, steps: int, threads: int, batch: int, seq_len: int, checkpointing: bool = False) -> dict:
+def measure(mode: str, steps: int, threads: int, batch: int, seq_len: int, checkpointing: bool = False, chunk: int | None = None) -> dict:
     """Run ``steps`` training steps of ``mode`` in this process; return its memory figures."""
     import torch
 
     from qat.corpus import shipped_text, token_blocks
+    from qat.lit.chunked_loss import chunked_causal_lm_loss
     from qat.models import load_model
 
     torch.set_num_threads(threads)
@@ -110,7 +114,7 @@ def measure(mode: str, steps: int, threads: int, batch: int, seq_len: int, check
     _rss_peak_reset()
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids).loss if chunk is None else chunked_causal_lm_loss(model, ids, chunk)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -131,14 +135,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block, in every mode")
+    parser.add_argument("--chunked-loss", type=int, default=None, metavar="TOKENS", help="chunked cross-entropy, TOKENS per chunk, in every mode")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     common = ["--steps", str(args.steps), "--threads", str(args.threads), "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
     common += ["--checkpointing"] if args.checkpointing else []
+    common += ["--chunked-loss", str(args.chunked_loss)] if args.chunked_loss else []
     if args.mode:
-        print(json.dumps(measure(args.mode, args.steps, args.threads, args.batch, args.seq_len, args.checkpointing)))
+        print(json.dumps(measure(args.mode, args.steps, args.threads, args.batch, args.seq_len, args.checkpointing, args.chunked_loss)))
         return
-    variant = "checkpointed" if args.checkpointing else "activations_kept"
+    variant = ("checkpointed" if args.checkpointing else "activations_kept") + ("_chunked_loss" if args.chunked_loss else "")
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", QAT_NO_MALLOC_TUNING="1")
     runs = {}
@@ -153,6 +159,7 @@ def main() -> None:
     result = {
         "what": "SmolLM2-135M training step (fwd+bwd+AdamW), float32 CPU, peak RSS over the steps; w4 g32 on 210 decoder linears",
         "checkpointing": args.checkpointing,
+        "chunked_loss_tokens": args.chunked_loss,
         "batch": args.batch,
         "seq_len": args.seq_len,
         "steps": args.steps,

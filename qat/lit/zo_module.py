@@ -19,10 +19,8 @@ import math
 import torch
 
 from qat.lit.module import QATModule, param_group
-from qat.zo.perturb import Perturbation
+from qat.zo.perturb import ROLES, Perturbation
 from qat.zo.spsa import ZOSGD
-
-ROLES = ("weights", "quant", "adapter")
 
 
 class ZOModule(QATModule):
@@ -34,7 +32,8 @@ class ZOModule(QATModule):
         train: roles that move, a subset of ``("weights", "quant", "adapter")``; every other
             parameter is frozen.
         perturbation: direction kind (``qat.zo.perturb.MODES``; ``"auto"`` picks per role).
-        share: one random coordinate per entry, row or tensor (``qat.zo.perturb.SHARES``).
+        share: one random coordinate per entry, row or tensor (``qat.zo.perturb.SHARES``), for all
+            roles or per role (``{quant: tensor, adapter: none}``).
 
     Raises:
         ValueError: an unknown role, no parameter of the chosen roles, an optimizer that is not
@@ -46,7 +45,7 @@ class ZOModule(QATModule):
 
     forward_only = True  # qat-train refuses gradient clipping and accumulation for it, before loading
 
-    def __init__(self, model, optimizer, scheduler=None, total_steps: int = 1, train=("quant",), perturbation: str = "auto", share: str = "none",
+    def __init__(self, model, optimizer, scheduler=None, total_steps: int = 1, train=("quant",), perturbation: str = "auto", share="none",
                  quant_lr=None, quant_weight_decay: float = 0.0, adapter_lr=None, adapter_weight_decay: float = 0.0,
                  objective=None, teacher=None, freeze=()):
         super().__init__(model, optimizer, scheduler, total_steps, quant_lr, quant_weight_decay, adapter_lr,

@@ -23,7 +23,8 @@ exactly. Three kinds, chosen per parameter (``mode="auto"`` picks by role):
   signal); a whole step always moves the code it touches. ``eps`` is then in units of steps.
 
 ``share`` draws one ``z`` per tensor (``"tensor"``) or per row (``"row"``) instead of per entry
-(``"none"``): the directions then span a subspace of dimension (number of tensors) or (rows).
+(``"none"``), for every moving parameter or per role (``{"quant": "tensor", "adapter": "none"}``,
+roles as in the optimizer's parameter groups): the directions then span a subspace of dimension (number of tensors) or (rows).
 SPSA's variance grows with the dimension it searches (the cosine to the true gradient is about
 ``sqrt(n / d)``), so a few hundred forward passes can move a few hundred shared directions (one
 relative rescaling of each layer's step sizes, say) but not millions of independent entries;
@@ -38,6 +39,7 @@ The projected gradient ``p = (L(theta + eps u) - L(theta - eps u)) / (2 eps)`` e
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,7 @@ from torch import nn
 
 MODES = ("auto", "gaussian", "relative", "grid")
 SHARES = ("none", "row", "tensor")
+ROLES = ("weights", "quant", "adapter")
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) pairs over 63-bit seeds
 
 
@@ -65,6 +68,7 @@ class Moving:
     owners: list[tuple[nn.Module, str]]
     mode: str
     layer: nn.Module | None = None  # the QuantLinear whose latent weight this is (grid mode)
+    share: str = "none"  # one z per entry, row or tensor
 
 
 class Perturbation:
@@ -74,7 +78,9 @@ class Perturbation:
         model: the model; every parameter with ``requires_grad=True`` moves.
         mode: ``"auto"`` (grid for latent weights of quantized layers, relative for quantizer
             parameters, gaussian otherwise), or one kind for all.
-        share: ``"none"`` (one ``z`` per entry), ``"row"`` or ``"tensor"`` (one per row / tensor).
+        share: ``"none"`` (one ``z`` per entry), ``"row"`` or ``"tensor"`` (one per row / tensor),
+            or a mapping from role (``weights``, ``quant``, ``adapter``) to one of those; a role the
+            mapping leaves out draws per entry.
 
     Raises:
         ValueError: unknown mode or share; ``grid`` asked for a parameter that is not a quantized weight;
@@ -86,11 +92,15 @@ class Perturbation:
         ...     loss_plus = model(**batch).loss
     """
 
-    def __init__(self, model: nn.Module, mode: str = "auto", share: str = "none"):
+    def __init__(self, model: nn.Module, mode: str = "auto", share: str | Mapping[str, str] = "none"):
+        from qat.lit.module import param_group  # the optimizer's roles; lazy: qat.lit imports Lightning
+
         if mode not in MODES:
             raise ValueError(f"perturbation mode {mode!r} is not one of {MODES}")
-        if share not in SHARES:
-            raise ValueError(f"perturbation share {share!r} is not one of {SHARES}")
+        shares = dict(share) if isinstance(share, Mapping) else {role: share for role in ROLES}
+        bad = {role: s for role, s in shares.items() if role not in ROLES or s not in SHARES}
+        if bad:
+            raise ValueError(f"perturbation share {share!r}: give one of {SHARES}, or a mapping from a role in {ROLES} to one of them")
         self.share = share
         owners: dict[int, list[tuple[nn.Module, str]]] = {}
         for module in model.modules():
@@ -106,7 +116,7 @@ class Perturbation:
                 kind = "grid" if layer is not None else "relative" if "_quantizer." in name else "gaussian"
             if kind == "grid" and layer is None:
                 raise ValueError(f"perturbation mode 'grid' needs a quantized layer's weight; {name} is not one (use mode='auto')")
-            self.moving.append(Moving(index, name, p, owners[id(p)], kind, layer))
+            self.moving.append(Moving(index, name, p, owners[id(p)], kind, layer, shares.get(param_group(name, p), "none")))
         if not self.moving:
             raise ValueError("no parameter requires a gradient: nothing for zeroth-order training to move")
         self._by_param = {id(m.param): m for m in self.moving}
@@ -124,8 +134,8 @@ class Perturbation:
         m = self.entry(param)
         gen = torch.Generator(device=param.device).manual_seed(derive_seed(seed, m.index))
         shape = param.shape
-        if self.share == "tensor" or (self.share == "row" and param.ndim > 0):
-            shape = (1,) * param.ndim if self.share == "tensor" else (param.shape[0],) + (1,) * (param.ndim - 1)
+        if m.share == "tensor" or (m.share == "row" and param.ndim > 0):
+            shape = (1,) * param.ndim if m.share == "tensor" else (param.shape[0],) + (1,) * (param.ndim - 1)
         z = torch.randn(shape, generator=gen, device=param.device, dtype=torch.float32).expand(param.shape).contiguous()
         if m.mode == "relative":
             z = z * param.detach().float().abs()

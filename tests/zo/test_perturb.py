@@ -134,6 +134,17 @@ def test_shared_directions_draw_one_coordinate_per_tensor_or_row(share):
         Perturbation(model, share="column")
 
 
+def test_share_per_role_draws_shared_directions_for_one_role_only():
+    model = quant_mlp()
+    pert = Perturbation(model, share={"quant": "tensor"})  # weights left out: per entry
+    scale = model[0].weight_quantizer.scale
+    z = pert.direction(scale, 5) / scale.detach().abs()
+    assert torch.allclose(z, z.flatten()[0].expand_as(z))
+    assert len(set(pert.direction(model[0].bias, 5).tolist())) == model[0].bias.numel()
+    with pytest.raises(ValueError, match="role"):
+        Perturbation(model, share={"scales": "tensor"})
+
+
 def test_parameters_read_without_calling_their_module_are_perturbed_too():
     """L4Q's fused layer reads ``lora_A[name].weight`` directly, never calling that nn.Linear."""
 

@@ -39,6 +39,7 @@ The projected gradient ``p = (L(theta + eps u) - L(theta - eps u)) / (2 eps)`` e
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -152,23 +153,50 @@ class Perturbation:
         The perturbed values stand in for the parameters in their owners' ``_parameters`` for the
         duration of the block (whatever reads them: a module's forward, or a function that reads
         ``layer.weight`` directly, as L4Q's fused layer does), then the Parameters are put back.
-        The cost is one copy of the moving parameters (small when scales or adapters move).
+        Small parameters (step sizes, adapters) are swapped for the whole block. The latent
+        weight of a quantized layer, read only by that layer's own forward, is swapped just in
+        time: a forward pre-hook forms ``theta + scale * u`` and the forward hook drops it, so at
+        most one layer's perturbed weight exists at a time and a step over every latent weight
+        costs about one layer of memory over inference, not one model.
         """
         if self._active:
             raise RuntimeError("a perturbation is already active")
-        values = [m.param.detach() + scale * self.direction(m.param, seed) for m in self.moving]  # all from theta
+        lazy = [m for m in self.moving if self._lazy(m)]
+        eager = [m for m in self.moving if not self._lazy(m)]
+        values = [m.param.detach() + scale * self.direction(m.param, seed) for m in eager]  # all from theta
+        hooks = []
         self._active = True
         try:
-            for m, value in zip(self.moving, values):
+            for m, value in zip(eager, values):
                 for owner, pname in m.owners:
                     owner._parameters[pname] = value  # type: ignore[assignment]  # not a Parameter: bypass setattr
             del values
+            for m in lazy:
+                owner, pname = m.owners[0]
+                hooks.append(owner.register_forward_pre_hook(functools.partial(_swap_in, m, pname, seed, scale, self)))
+                hooks.append(owner.register_forward_hook(functools.partial(_swap_out, m, pname)))
             yield self
         finally:
+            for h in hooks:
+                h.remove()
             for m in self.moving:
                 for owner, pname in m.owners:
                     owner._parameters[pname] = m.param
             self._active = False
+
+    def _lazy(self, m: Moving) -> bool:
+        """A quantized layer's own latent weight, whose quantizer does not move (its step is theta's)."""
+        if m.layer is None or len(m.owners) != 1 or m.owners[0][0] is not m.layer:
+            return False
+        return not any(id(p) in self._by_param for p in m.layer.weight_quantizer.parameters())
+
+
+def _swap_in(m: Moving, pname: str, seed: int, scale: float, pert: Perturbation, module: nn.Module, args) -> None:
+    module._parameters[pname] = m.param.detach() + scale * pert.direction(m.param, seed)  # type: ignore[assignment]
+
+
+def _swap_out(m: Moving, pname: str, module: nn.Module, args, output) -> None:
+    module._parameters[pname] = m.param
 
 
 def _quantized_weights(model: nn.Module) -> dict[int, nn.Module]:

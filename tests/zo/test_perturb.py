@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,3 +166,27 @@ def test_parameters_read_without_calling_their_module_are_perturbed_too():
     w = model.inner.weight.detach() + 0.1 * pert.direction(model.inner.weight, 2)
     b = model.inner.bias.detach() + 0.1 * pert.direction(model.inner.bias, 2)
     assert torch.equal(y, F.linear(x, w, b))
+
+
+def test_latent_weights_are_swapped_in_just_in_time_and_equal_the_eager_perturbation():
+    model = quant_mlp()
+    for layer in (model[0], model[2]):
+        layer.weight_quantizer.requires_grad_(False)  # only latent weights move: the lazy path
+        layer.bias.requires_grad_(False)
+    pert = Perturbation(model)
+    x = torch.randn(5, 8)
+    model(x)  # initialise the quantizers on theta
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for i in (0, 2):
+            reference[i].weight.add_(1e-2 * pert.direction(model[i].weight, 9))
+    seen = []
+    probe = model[2].register_forward_pre_hook(lambda mod, args: seen.append(isinstance(model[0]._parameters["weight"], nn.Parameter)))
+    with pert.active(seed=9, scale=1e-2):
+        assert isinstance(model[0]._parameters["weight"], nn.Parameter)  # nothing formed before the layer runs
+        out = model(x)
+    probe.remove()
+    assert seen == [True]  # layer 0's perturbed weight was dropped before layer 2 ran
+    torch.testing.assert_close(out, reference(x), rtol=0, atol=0)
+    assert all(isinstance(m._parameters["weight"], nn.Parameter) for m in (model[0], model[2]))
+    assert not model[0]._forward_pre_hooks and not model[0]._forward_hooks

@@ -37,13 +37,20 @@ MODES = ("inference", "zo_scales", "zo_weights", "backprop_qat")
 TARGET = 1.1
 
 
-def make_step(mode: str, model, ids):
-    """A zero-argument callable running one step of ``mode`` on ``model`` (already quantized)."""
+def make_step(mode: str, model, ids, chunk: int | None = None):
+    """A zero-argument callable running one step of ``mode`` on ``model`` (already quantized).
+
+    ``chunk``: compute the loss ``chunk`` tokens of logits at a time (``qat.lit.chunked_loss``).
+    """
     import torch
 
+    from qat.lit.chunked_loss import chunked_causal_lm_loss
     from qat.zo import ZOSGD, Perturbation
 
-    loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+    if chunk is None:
+        loss_fn = lambda: model(input_ids=ids, labels=ids).loss  # noqa: E731
+    else:
+        loss_fn = lambda: chunked_causal_lm_loss(model, ids, chunk)  # noqa: E731
     if mode == "inference":
         model.eval().requires_grad_(False)
 
@@ -73,7 +80,14 @@ def make_step(mode: str, model, ids):
     return step
 
 
-def measure(mode: str, args) -> dict:
+def measure(mode: str, args, chunk: int | None = None, materialize: bool = False) -> dict:
+    """Run ``args.steps`` steps of ``mode`` in this process after a warm-up step; return its memory figures.
+
+    ``args`` needs ``model``, ``threads``, ``batch``, ``seq_len`` and ``steps``. ``chunk``: chunked
+    cross-entropy (``make_step``). ``materialize``: give every parameter its own memory before
+    quantizing, as ``benchmarks/adapter_memory.py`` does (``materialize_``), so the figures compare
+    with its modes'.
+    """
     import torch
 
     import qat
@@ -84,9 +98,13 @@ def measure(mode: str, args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model)
+    if materialize:
+        from adapter_memory import materialize_
+
+        materialize_(model)
     ids = token_blocks(tokenizer, shipped_text(), args.seq_len)[: args.batch]
     qat.quantize_(model, weight=functools.partial(LSQ, bits=4, granularity="group", group_size=32, init="minmax"), include="model.layers.*")
-    step = make_step(mode, model, ids)
+    step = make_step(mode, model, ids, chunk)
     step()  # warm-up: optimizer state, thread pools, allocator
     _rss_peak_reset()
     for _ in range(args.steps):

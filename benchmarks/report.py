@@ -38,6 +38,51 @@ def overhead(r: dict) -> str:
     return "\n".join(rows)
 
 
+def peers_overhead(r: dict) -> str:
+    t = r["step_s"]
+    rows = ["| weight fake quantization (210 decoder linears, w4 sym g32) | step (s) | x none |", "|---|---|---|"]
+    for name, label in (("fp", "none"), ("ours", "ours: LSQ"), ("torchao", f"torchao {r['torchao']}: QATConfig, IntxFakeQuantizeConfig")):
+        rows.append(f"| {label} | {t[name]:.2f} | {t[name] / t['fp']:.2f}x |")
+    rows.append(f"\nTarget: our overhead <= torchao's: **{'met' if r['met'] else 'not met'}** "
+                f"(ours {r['ours_over_fp']:.2f}x, torchao {r['torchao_over_fp']:.2f}x). Batch {r['batch']} x {r['seq_len']}, "
+                f"{r['device']}, float32, median of {r['repeats']} interleaved repeats, {r['threads']} threads; "
+                f"allocator: {r['allocator']}; torch {r['torch']}.")
+    return "\n".join(rows)
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def memory_table(result: dict) -> str:
+    """One variant of ``benchmarks/results/memory.json`` (also printed by ``benchmarks/memory.py``)."""
+    rows = ["| mode | peak RSS (MB) | x inference | x full QAT | target | met | trained params |", "|---|---|---|---|---|---|---|"]
+    for mode, v in result["modes"].items():
+        t = result["targets"].get(mode)
+        target = f"<= {t['at_most']}x {t['of'].replace('_', ' ')}" if t else ""
+        met = result["meets_targets"].get(mode)
+        rows.append(f"| {mode} | {v['peak_rss_mb']:.0f} | {_ratio(v['ratio_to_inference'])} | {_ratio(v['ratio_to_full_qat'])} | "
+                    f"{target} | {'' if met is None else ('yes' if met else '**no**')} | {v['trained_params']:,} |")
+    return "\n".join(rows)
+
+
+_MEMORY_VARIANTS = {
+    "activations_kept": "activations kept for the backward",
+    "activations_kept_chunked_loss": "chunked loss",
+    "checkpointed": "activation checkpointing (backprop modes)",
+    "checkpointed_chunked_loss": "activation checkpointing (backprop modes) and chunked loss",
+}
+
+
+def memory(r: dict) -> str:
+    parts = []
+    for variant, v in r.items():
+        chunk = f", {v['chunked_loss_tokens']} tokens a chunk" if v.get("chunked_loss_tokens") else ""
+        parts.append(f"*{_MEMORY_VARIANTS.get(variant, variant)}{chunk}*: batch {v['batch']} x {v['seq_len']}, "
+                     f"{v['steps']} steps, {v['threads']} threads, torch {v['torch']}.\n\n{memory_table(v)}")
+    return "\n\n".join(parts)
+
+
 def _recipes_by_quant() -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for path in sorted((ROOT / "recipes" / "experiment").glob("*.yaml")):
@@ -48,16 +93,82 @@ def _recipes_by_quant() -> dict[str, list[str]]:
 
 def export_size(r: dict) -> str:
     recipes = _recipes_by_quant()
-    rows = ["| quant config | recipes | bits per weight | packed file (MB) | file / theoretical |", "|---|---|---|---|---|"]
+    rows = ["| quant config | recipes | bits per weight | packed file (MB) | file / theoretical | max abs logit diff, loaded vs exported |",
+            "|---|---|---|---|---|---|"]
     for name, v in r["results"].items():
         used = ", ".join(f"`{x}`" for x in recipes.get(name, [])) or "-"
-        rows.append(f"| `{name}` | {used} | {v['bits_per_weight']:.3f} | {v['file_bytes'] / 1e6:.1f} | {v['ratio']:.4f} |")
+        exact = f"{v['exactness']:.3g}" if "exactness" in v else "-"
+        if "exactness_weights_only" in v:
+            exact += f" ({v['exactness_weights_only']:.3g} without activation quantization)"
+        rows.append(f"| `{name}` | {used} | {v['bits_per_weight']:.3f} | {v['file_bytes'] / 1e6:.1f} | {v['ratio']:.4f} | {exact} |")
+    tokens = sorted({v["exactness_tokens"] for v in r["results"].values() if "exactness_tokens" in v})
     rows.append(f"\nBits per weight: codes, scales, zero points, offsets and the Tequila bias over the quantized weights; "
-                f"the file also holds the float32 embedding table ({r['results'][next(iter(r['results']))]['unquantized_bytes'] / 1e6:.0f} MB).")
+                f"the file also holds the float32 embedding table ({r['results'][next(iter(r['results']))]['unquantized_bytes'] / 1e6:.0f} MB)."
+                + (f" Logit difference: `qat.load_packed` of the export against the fake-quantized model exported (eval mode), "
+                   f"float32 CPU, {'/'.join(map(str, tokens))} held-out tokens; 0 is bitwise equal. The packed format holds weights only: "
+                   f"activation quantization is not part of it." if tokens else ""))
     return "\n".join(rows)
 
 
-TABLES = {"ptq_baselines": ptq_baselines, "overhead": overhead, "export_size": export_size}
+def peers_accuracy(r: dict) -> str:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peers_accuracy import table  # the benchmark prints the same table
+
+    return table(r) + ("\n\nA partial run (`--only` / `--methods`): not every width or method." if r.get("partial") else "")
+
+
+def _weights(quant: dict) -> str:
+    """A short name of a run's quantization config (``metrics.json``'s ``quant``)."""
+    w = quant.get("weight") or {}
+    name = w.get("_target_", "").rsplit(".", 1)[-1]
+    bits = "ternary" if name == "Ternary" else f"w{w.get('bits')}"
+    group = f"g{w['group_size']}" if w.get("granularity") == "group" else w.get("granularity", "")
+    parts = [name, w.get("method", ""), bits, "asym" if w.get("symmetric") is False or w.get("offset") else "", group, w.get("deadzone") or ""]
+    a = quant.get("activation")
+    if a:
+        parts.append(f"+ a{a.get('bits')} {a.get('_target_', '').rsplit('.', 1)[-1]}")
+    return " ".join(p for p in parts if p)
+
+
+def recipes(r: dict) -> str:
+    rows = ["| recipe | weights | steps (tokens) | PTQ (RTN) | QAT | x FP | zero fraction, start -> end | wall | peak RSS |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    failed = []
+    for key, e in r.items():
+        m = e.get("metrics")
+        if not m:
+            failed.append(f"`{key}` (exit {e.get('returncode')})")
+            continue
+        metric = "ppl" if "ppl_qat" in m else "cos"
+        fp, ptq, q = m.get(f"{metric}_fp"), m.get(f"{metric}_ptq"), m.get(f"{metric}_qat")
+        ratio = f"{q / fp:.2f}" if metric == "ppl" and fp else f"cos {q:.4f}"
+        qs = e.get("quant_stats") or {}
+        zero = f"{qs['first']['zero_frac']:.4f} -> {qs['last']['zero_frac']:.4f}" if qs.get("first", {}).get("zero_frac") is not None else "-"
+        label = key.split(" ", 1)
+        name = f"`{label[0]}`" + (f" ({label[1]})" if len(label) > 1 else "")
+        rows.append(f"| {name} | {_weights(m.get('quant', {}))} | {m['steps']} ({m['tokens'] // 1000}k) | {ptq:.4g} | **{q:.4g}** | {ratio} | {zero} | "
+                    f"{m['seconds']:.0f} s | {m.get('peak_rss_mb', 0) / 1000:.1f} GB |")
+    machines = {f"{e['machine']['cpus']} CPUs, torch {e['machine']['torch']}" for e in r.values() if "machine" in e}
+    rows.append(f"\nFP {next((e['metrics'].get('ppl_fp') for e in r.values() if e.get('metrics', {}).get('ppl_fp')), float('nan')):.2f}; "
+                f"held-out perplexity (cosine to FP for MiniLM) on the first 20,480 tokens of the shipped text; {'; '.join(sorted(machines))}. "
+                "Each run: `.venv/bin/python benchmarks/recipes.py NAME` (the exact `qat-train` command is in `benchmarks/results/recipes.json`).")
+    if failed:
+        rows.append(f"Failed runs: {', '.join(failed)}.")
+    return "\n".join(rows)
+
+
+TABLES = {
+    "recipes": recipes,
+    "ptq_baselines": ptq_baselines,
+    "overhead": overhead,
+    "peers_overhead": peers_overhead,
+    "peers_overhead_cuda": peers_overhead,
+    "memory": memory,
+    "export_size": export_size,
+    "peers_accuracy": peers_accuracy,
+}
 
 
 def main() -> None:

@@ -1,0 +1,593 @@
+"""Accuracy recovery of our QAT methods against torchao's QAT on SmolLM2-135M, same data and budget.
+
+Held-out perplexity of the embedded SmolLM2-135M at four weight widths (w4, w3, w2, ternary) on
+all 210 decoder linear layers (embeddings and the tied head stay float):
+
+* FP (once), and round-to-nearest (PTQ, no training) on every grid a row below uses;
+* our methods, each built from its recipe exactly as ``qat-train`` builds it (Hydra composes
+  ``recipe=NAME`` and any group override; the quantizer factory, adapter, ``QATModule`` /
+  ``ZOModule``, optimizer groups and schedule are instantiated from that config, so learning
+  rates, ``quant_lr`` / ``adapter_lr`` groups and schedules are the recipe's):
+
+  ==========  ===================================================================================
+  w4          LSQ (smollm2_w4_lsq), LSQ+ (smollm2_w4_lsq with quant=w4_lsqplus: no LSQ+ recipe
+              of its own), L4Q (smollm2_w4_l4q), scale-only / PEQA (smollm2_w4_peqa), forward-only
+              SPSA on the step sizes (smollm2_w4_zo_scales: two forward passes a step)
+  w3          LSQ (smollm2_w3_lsq), LSQ+ (smollm2_w3_lsq with quant=w3_lsqplus), L4Q (smollm2_w3_l4q)
+  w2          LSQ+ (smollm2_w2_lsq), LWC (smollm2_w2_lwc)
+  ternary     absmean (smollm2_ternary_absmean), SEQ (smollm2_ternary_seq), Tequila (smollm2_ternary_tequila)
+  ==========  ===================================================================================
+
+* torchao's QAT (``QATConfig(weight_config=IntxFakeQuantizeConfig(...))``, weight-only, on the
+  same 210 layers) with the dtype, group size and symmetry of the width's reference recipe
+  (w4: int4 sym g32, w3: int3 sym g64, w2: int2 asym g64), in two rows: ``is_dynamic=True``
+  (scales recomputed from the weights every step: the STE baseline) and ``range_learning=True``
+  (learned scales and zero points, initialised by ``initialize_fake_quantizers`` on the first
+  training batch, as torchao requires; asymmetric range learning needs
+  ``zero_point_precision=torch.float32``: the int32 default cannot require a gradient; and its
+  asymmetric fake quantizer drops the zero point it computes, see ``NOTES``).
+  torchao has no ternary grid: at ``ternary`` its nearest config, int2 symmetric in groups of 64
+  (four levels {-2, -1, 0, 1} * s, one more than ternary), stands in and is marked
+  ``nearest_grid``. torchao trains with the reference recipe's AdamW settings and schedule
+  (weights ``lr``; ``quant_lr`` for its learned scales, which ``QATModule.parameter_groups``
+  puts in the ``quant`` group by name, as ours).
+
+Every row at a width sees the same batches in the same order (``qat.lit.data.stream_batch_indices``
+over the training blocks, seed ``--seed``), the same number of steps and tokens, the same seed
+before the model is built, gradient clipping at 1.0 (backprop rows) and one shared training loop
+(``train``): forward, backward, clip, step, schedule step for backprop rows; two forward passes and
+the seed-replayed update for the forward-only row (``ZOModule.training_step``'s body; its recipe's
+constant rate, no clipping). Quantizers are initialised as ``qat-train`` does (``quantize_`` from the
+weights, then the adapter's ``apply_``). Held-out: the FIRST ``--heldout-blocks`` blocks of
+the shipped corpus (``qat.corpus.token_blocks``), never trained on; training uses the blocks after
+them. Perplexity (``qat.eval.perplexity``) is measured with the fake quantizers active at step 0,
+every ``--eval-every`` steps and at the end.
+
+Per row: PTQ perplexity on its own grid, QAT perplexity, x FP, the fraction of the PTQ-to-FP
+log-perplexity gap recovered, ``(log ppl_ptq - log ppl_qat) / (log ppl_ptq - log ppl_fp)``, both
+against the row's own grid and against the width's reference PTQ (round-to-nearest on the
+reference recipe's grid: one denominator for every row of a width, so the fractions compare end
+points, not starting points), the ratio of its perplexity to torchao's best row, the curve and
+wall seconds. Targets: the best of ours recovers more of the reference gap than torchao's best at
+w2 and ternary, and at least as much at w4 (equivalently: a lower perplexity at w2 and ternary, not
+a higher one at w4); w3 is reported without a target.
+
+    .venv/bin/python benchmarks/peers_accuracy.py                  # --quick: 15 steps x 2 x 128 tokens, 8 held-out blocks (~20 min, 2 cores)
+    .venv/bin/python benchmarks/peers_accuracy.py --full           # the recipes' steps (60/100/120/140), 4 x 256, 20,480 held-out tokens (hours on CPU)
+    .venv/bin/python benchmarks/peers_accuracy.py --full --device cuda --model HuggingFaceTB/SmolLM2-360M
+    .venv/bin/python benchmarks/peers_accuracy.py --only w4 --methods lsq,torchao_dynamic --steps 2 --seq-len 64 --batch 1 --heldout-blocks 1
+
+Writes ``benchmarks/results/peers_accuracy.json`` (``--out``), a PNG beside it (perplexity against
+step, one panel per width) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+CONFIGS = str(ROOT / "configs")
+
+# Per width: the reference recipe (torchao's optimizer settings, its grid and the reference PTQ)
+# and our rows as (key, label, Hydra overrides).
+WIDTHS = {
+    "w4": ("smollm2_w4_lsq", [
+        ("lsq", "LSQ", ["recipe=smollm2_w4_lsq"]),
+        ("lsqplus", "LSQ+", ["recipe=smollm2_w4_lsq", "quant=w4_lsqplus"]),
+        ("l4q", "L4Q (r16, LSQ+)", ["recipe=smollm2_w4_l4q"]),
+        ("peqa", "scale-only (PEQA)", ["recipe=smollm2_w4_peqa"]),
+        ("zo", "forward-only SPSA on step sizes", ["recipe=smollm2_w4_zo_scales"]),
+    ]),
+    "w3": ("smollm2_w3_lsq", [
+        ("lsq", "LSQ", ["recipe=smollm2_w3_lsq"]),
+        ("lsqplus", "LSQ+", ["recipe=smollm2_w3_lsq", "quant=w3_lsqplus"]),
+        ("l4q", "L4Q (r16, LSQ+)", ["recipe=smollm2_w3_l4q"]),
+    ]),
+    "w2": ("smollm2_w2_lsq", [
+        ("lsqplus", "LSQ+", ["recipe=smollm2_w2_lsq"]),
+        ("lwc", "LWC", ["recipe=smollm2_w2_lwc"]),
+    ]),
+    "ternary": ("smollm2_ternary_absmean", [
+        ("absmean", "absmean (BitNet b1.58)", ["recipe=smollm2_ternary_absmean"]),
+        ("seq", "SEQ (ParetoQ)", ["recipe=smollm2_ternary_seq"]),
+        ("tequila", "Tequila", ["recipe=smollm2_ternary_tequila"]),
+    ]),
+}
+TORCHAO = (("torchao_dynamic", False), ("torchao_range", True))
+# at least as good at w4 (<=), strictly better at w2 and ternary; w3 is reported without a target
+TARGETS = {"w4": "at_least", "w2": "more", "ternary": "more"}
+NOTES = [
+    "Every row of a width: the same batches in the same order, steps, tokens, seed and gradient clipping (1.0; none for the "
+    "forward-only row, which follows its recipe: ZOSGD at a constant rate, two forward passes a step).",
+    "LSQ+ at w4 and w3 has no recipe of its own: it runs smollm2_w4_lsq / smollm2_w3_lsq with quant=w4_lsqplus / w3_lsqplus.",
+    "torchao rows use the width's reference recipe's AdamW settings and schedule: weights lr, quant_lr for its learned scales "
+    "and zero points (named *.weight_fake_quantizer.*, the quant group of QATModule.parameter_groups).",
+    "torchao has no ternary grid: its nearest config, int2 symmetric in groups of 64 (codes {-2, -1, 0, 1}, scale max|w| / 1.5, "
+    "one level more than ternary), stands in at 'ternary' (nearest_grid).",
+    "torchao's symmetric grids use scale max|w| / (2^(b-1) - 0.5) over the full signed range (int4: max/7.5), ours max|w| / "
+    "(2^(b-1) - 1) (int4: max/7, 15 codes used): at the same group size torchao's round-to-nearest starts slightly lower.",
+    "torchao 0.18's asymmetric IntxFakeQuantizer computes a float-domain (tinygemm) zero point in weight units and stores it "
+    "with zero_point_precision (int32 by default: truncated toward 0, i.e. 0 for weights), then fake-quantizes with integer-domain zero points: its "
+    "'asymmetric' int2 grid starts as [-2, 1] * (max - min) / 3 with no offset; range learning rounds that zero point to 0, "
+    "needs zero_point_precision=float32 (an int32 Parameter cannot require a gradient) and learns the offset from there.",
+]
+PRESETS = {
+    "quick": {"steps": 15, "batch": 2, "seq_len": 128, "heldout_blocks": 8, "eval_every": 5},
+    "full": {"steps": None, "batch": 4, "seq_len": 256, "heldout_blocks": 80, "eval_every": None},  # steps: the recipe's
+}
+
+
+# ---------------------------------------------------------------- building the rows
+
+
+def compose(overrides: list[str], steps: int):
+    """The ``qat-train`` config for ``overrides``, with ``steps`` optimizer steps (warm-up clipped to them)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.trainer.max_steps = steps
+        sched = cfg.optim.get("scheduler")
+        if sched is not None and "warmup_steps" in sched:
+            sched.warmup_steps = min(int(sched.warmup_steps), steps)
+    return cfg
+
+
+def recipe_steps(overrides: list[str]) -> int:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return int(hydra_compose(config_name="train", overrides=list(overrides)).trainer.max_steps)
+
+
+def seed_all(seed: int) -> None:
+    import lightning as L
+
+    L.seed_everything(seed, verbose=False)
+
+
+def build_ours(cfg, args):
+    """Model, module (QATModule / ZOModule) and adapter, in ``qat.train.run``'s order."""
+    from hydra.utils import instantiate
+
+    import qat
+    from qat.models import load_model
+
+    seed_all(args.seed)
+    model, _ = load_model(args.model)
+    factory = instantiate(cfg.quant.weight)
+    qat.quantize_(model, weight=factory, include=list(cfg.quant.include), exclude=cfg.quant.exclude)
+    adapter = instantiate(cfg.adapter) if cfg.get("adapter") else None
+    if adapter is not None:
+        adapter.apply_(model)
+    objective = instantiate(cfg.module.objective)
+    module = instantiate(cfg.module, model=model, teacher=None, objective=objective)
+    model.to(args.device)
+    return model, module, adapter, factory
+
+
+def torchao_config(ref_factory, range_learning: bool):
+    """torchao's weight config on the grid of our reference quantizer; (config, description, nearest_grid)."""
+    import torch
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+    from qat.quantizers import Ternary
+
+    q = ref_factory()
+    nearest = isinstance(q, Ternary)
+    bits, symmetric = (2, True) if nearest else (q.grid.bits, q.grid.signed)
+    gran = {"granularity": "per_channel"} if q.granularity == "channel" else {"group_size": q.group_size}
+    kwargs = dict(is_symmetric=symmetric, is_dynamic=not range_learning, range_learning=range_learning, **gran)
+    if range_learning and not symmetric:
+        kwargs["zero_point_precision"] = torch.float32  # an int32 zero point cannot require a gradient
+    dtype = {2: torch.int2, 3: torch.int3, 4: torch.int4, 8: torch.int8}[bits]
+    where = f"g{q.group_size}" if q.granularity == "group" else "per-channel"
+    desc = f"int{bits} {'sym' if symmetric else 'asym'} {where}" + (" (nearest grid to ternary)" if nearest else "")
+    return IntxFakeQuantizeConfig(dtype, **kwargs), desc, nearest
+
+
+def build_torchao(ref_cfg, range_learning: bool, first_batch, args):
+    """Our reference recipe's module around a torchao-prepared model (210 decoder linears)."""
+    from hydra.utils import instantiate
+    from torch import nn
+    from torchao.quantization import quantize_ as ao_quantize_
+    from torchao.quantization.qat import QATConfig, initialize_fake_quantizers
+
+    from qat.models import load_model
+
+    seed_all(args.seed)
+    model, _ = load_model(args.model)
+    weight_config, desc, nearest = torchao_config(instantiate(ref_cfg.quant.weight), range_learning)
+    ao_quantize_(model, QATConfig(weight_config=weight_config, step="prepare"),
+                 filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.startswith("model.layers."))
+    n = sum(1 for _, m in model.named_modules() if hasattr(m, "weight_fake_quantizer"))
+    model.to(args.device)
+    if range_learning:  # scales and zero points become Parameters here, before the optimizer is built
+        initialize_fake_quantizers(model, (first_batch.to(args.device),))
+    objective = instantiate(ref_cfg.module.objective)
+    module = instantiate(ref_cfg.module, model=model, teacher=None, objective=objective)
+    return model, module, {"weight_config": repr(weight_config), "grid": desc, "nearest_grid": nearest, "layers": n}
+
+
+# ---------------------------------------------------------------- the shared loop
+
+
+def train(model, module, adapter, batches, heldout, eval_steps, device) -> dict:
+    """Train ``model`` on ``batches`` (one per step) with ``module``'s optimizer and schedule; eval at ``eval_steps``.
+
+    Backprop modules: forward, backward, clip 1.0, step, schedule step (Lightning's order).
+    Forward-only modules (``ZOModule``): two forward passes under ``inference_mode`` and the
+    seed-replayed update, as ``ZOModule.training_step``.
+    """
+    import torch
+
+    from qat.adapters import L4Q
+    from qat.adapters.l4q import set_l4q_stage_
+    from qat.eval import perplexity
+
+    config = module.configure_optimizers()
+    opt = config["optimizer"] if isinstance(config, dict) else config
+    sched = config["lr_scheduler"]["scheduler"] if isinstance(config, dict) else None
+    params = [p for g in opt.param_groups for p in g["params"]]
+    forward_only = getattr(module, "forward_only", False)
+    objective = module.objective
+    warmup = adapter.warmup_steps if isinstance(adapter, L4Q) else 0
+    curve, status, skipped, step_s = [], "ok", 0, []
+    train_s = eval_s = 0.0
+
+    def evaluate(step):
+        nonlocal eval_s
+        t = time.perf_counter()
+        curve.append([step, perplexity(model, heldout)])
+        eval_s += time.perf_counter() - t
+
+    model.train()
+    if 0 in eval_steps:
+        evaluate(0)
+    for step, ids in enumerate(batches, start=1):
+        t = time.perf_counter()
+        batch = {"input_ids": ids.to(device)}
+        if warmup:
+            set_l4q_stage_(model, step - 1 >= warmup)
+        if forward_only:
+            model.eval()
+            with torch.inference_mode():
+                loss = opt.estimate(lambda: objective(model, batch, None)[0])
+            opt.step()
+            skipped = opt.skipped
+        else:
+            model.train()
+            loss, _ = objective(model, batch, None)
+            if not torch.isfinite(loss):
+                status = f"diverged: non-finite loss at step {step}"
+                break
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if sched is not None:
+            sched.step()
+        step_s.append(time.perf_counter() - t)
+        train_s += step_s[-1]
+        if step in eval_steps:
+            evaluate(step)
+    if warmup:
+        set_l4q_stage_(model, True)
+    last = curve[-1][1] if curve else float("nan")
+    return {"qat_ppl": last if status == "ok" and math.isfinite(last) else None, "curve": curve, "status": status,
+            "steps": len(batches), "train_seconds": train_s, "eval_seconds": eval_s,
+            "step_seconds": step_s, "zo_skipped": skipped if forward_only else None}
+
+
+def optim_summary(cfg) -> dict:
+    """What the row's optimizer was built from (the recipe's values)."""
+    from omegaconf import OmegaConf
+
+    o = OmegaConf.to_container(cfg.optim, resolve=True)
+    m = OmegaConf.to_container(cfg.module, resolve=False)
+    summary = {"optimizer": o["optimizer"]["_target_"], "lr": o["optimizer"].get("lr"), "quant_lr": o.get("quant_lr"),
+               "adapter_lr": o.get("adapter_lr"), "schedule": o.get("scheduler"), "module": m["_target_"].rsplit(".", 1)[-1]}
+    if "train" in m:  # forward-only: what moves, how directions are shared, SPSA's eps and seeds per step
+        summary["zo"] = {"train": m["train"], "share": m["share"], "eps": o["optimizer"].get("eps"), "n": o["optimizer"].get("n")}
+    return summary
+
+
+def grid_name(q) -> str:
+    """A short name of a quantizer's grid: ``int4 sym g32``, ``ternary absmean g64``."""
+    from qat.quantizers import Ternary
+
+    where = f"g{q.group_size}" if q.granularity == "group" else q.granularity.replace("channel", "per-channel")
+    if isinstance(q, Ternary):
+        return f"ternary {q.method} {where}" + (" + Tequila" if q.deadzone else "")
+    return f"int{q.grid.bits} {'sym' if q.grid.signed else 'asym'} {where}"
+
+
+def run_ours(overrides, steps, batches, heldout, eval_steps, ptq_of, args) -> dict:
+    """One of our rows: its recipe's model, module and optimizer, trained by ``train``."""
+    from omegaconf import OmegaConf
+
+    cfg = compose(overrides, steps)
+    model, module, adapter, factory = build_ours(cfg, args)
+    ptq_grid, ptq = ptq_of(factory)
+    out = train(model, module, adapter, batches, heldout, eval_steps, args.device)
+    return {"overrides": overrides, "grid": grid_name(factory()), "ptq_grid": ptq_grid, "ptq_ppl": ptq,
+            "quant": OmegaConf.to_container(cfg.quant, resolve=True),
+            "adapter": OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.get("adapter") else None,
+            "optim": optim_summary(cfg), "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), **out}
+
+
+def run_torchao(ref_cfg, ref_recipe, range_learning, batches, heldout, eval_steps, args, missing) -> dict:
+    """A torchao row: its fake quantizers on our reference recipe's optimizer, trained by ``train``."""
+    if missing:
+        return {"grid": "-", "status": "skipped: " + missing, "curve": []}
+    model, module, info = build_torchao(ref_cfg, range_learning, batches[0], args)
+    out = train(model, module, None, batches, heldout, eval_steps, args.device)
+    start = out["curve"][0][1] if out["curve"] and out["curve"][0][0] == 0 else None
+    return {"overrides": [f"recipe={ref_recipe}"], "grid": info["grid"], "ptq_grid": info["grid"] + " (torchao's rounding, step 0)",
+            "ptq_ppl": start, "torchao": info, "optim": optim_summary(ref_cfg),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), **out}
+
+
+# ---------------------------------------------------------------- summary
+
+
+def gap(ptq, qat, fp):
+    if ptq is None or qat is None or not ptq > fp:
+        return None
+    return (math.log(ptq) - math.log(qat)) / (math.log(ptq) - math.log(fp))
+
+
+def summarise(width: dict, fp: float) -> None:
+    rows = width["rows"]
+    ref = width["reference_ptq_ppl"]
+    for r in rows.values():
+        q = r.get("qat_ppl")
+        r["ratio_to_fp"] = q / fp if q else None
+        r["gap_recovered"] = gap(ref, q, fp)
+        r["gap_recovered_own_grid"] = gap(r.get("ptq_ppl"), q, fp)
+    ours = {k: r for k, r in rows.items() if r["family"] == "ours" and r.get("qat_ppl")}
+    ao = {k: r for k, r in rows.items() if r["family"] == "torchao" and r.get("qat_ppl")}
+    best_ours = min(ours, key=lambda k: ours[k]["qat_ppl"]) if ours else None
+    best_ao = min(ao, key=lambda k: ao[k]["qat_ppl"]) if ao else None
+    width["best_ours"], width["best_torchao"] = best_ours, best_ao
+    for r in rows.values():
+        r["over_torchao_best"] = r["qat_ppl"] / ao[best_ao]["qat_ppl"] if best_ao and r.get("qat_ppl") else None
+    width["ours_over_torchao"] = ours[best_ours]["qat_ppl"] / ao[best_ao]["qat_ppl"] if best_ours and best_ao else None
+
+
+def target(width_key: str, width: dict) -> dict | None:
+    kind = TARGETS.get(width_key)
+    if kind is None:
+        return None
+    bo, ba = width["best_ours"], width["best_torchao"]
+    statement = ("best of ours recovers at least as much of the PTQ-to-FP gap as torchao's best" if kind == "at_least"
+                 else "best of ours recovers more of the PTQ-to-FP gap than torchao's best")
+    if bo is None or (ba is None and not width["torchao_rows_ran"]):
+        return {"statement": statement, "met": None, "why": "a side is missing from this run"}
+    if ba is None:  # every torchao row ran and diverged
+        return {"statement": statement, "met": True, "why": "every torchao row diverged"}
+    g_ours, g_ao = width["rows"][bo]["gap_recovered"], width["rows"][ba]["gap_recovered"]
+    met = g_ours >= g_ao if kind == "at_least" else g_ours > g_ao
+    return {"statement": statement, "met": bool(met), "ours": bo, "torchao": ba, "gap_ours": g_ours, "gap_torchao": g_ao}
+
+
+def fmt(v, spec=".4g") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(result: dict) -> str:
+    """The markdown table (also the README's, through benchmarks/report.py)."""
+    lines = ["| width | method | grid | PTQ | QAT | x FP | gap recovered (own PTQ) | gap recovered (ref. PTQ) | / torchao best | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| - | FP | float32 | - | {result['fp_ppl']:.4g} | 1 | - | - | - | - |"]
+    for wk, w in result["widths"].items():
+        lines.append(f"| {wk} | PTQ reference | {w['reference_grid']} | {w['reference_ptq_ppl']:.4g} | - | "
+                     f"{w['reference_ptq_ppl'] / result['fp_ppl']:.3g} | 0 | 0 | - | - |")
+        for key, r in w["rows"].items():
+            name = r["label"] + (" **best**" if key in (w["best_ours"], w["best_torchao"]) else "")
+            qat = fmt(r.get("qat_ppl")) if r["status"] == "ok" else r["status"]
+            lines.append(f"| {wk} | {name} | {r['grid']} | {fmt(r.get('ptq_ppl'))} | {qat} | {fmt(r.get('ratio_to_fp'), '.3g')} | "
+                         f"{fmt(r.get('gap_recovered_own_grid'), '.3f')} | {fmt(r.get('gap_recovered'), '.3f')} | "
+                         f"{fmt(r.get('over_torchao_best'), '.3f')} | {fmt(r.get('train_seconds'), '.0f')} |")
+    s = result["settings"]
+    lines.append(f"\nFP perplexity {result['fp_ppl']:.4g} on {s['heldout_tokens']} held-out tokens; every row of a width: "
+                 f"{s['batch']} x {s['seq_len']} tokens a step, steps {', '.join(f'{k} {v}' for k, v in s['steps'].items())}, "
+                 f"seed {s['seed']}, {result['device']}, {s['threads']} threads.")
+    for wk, t in result["targets"].items():
+        if t is not None:
+            verdict = "not measured" if t["met"] is None else ("**met**" if t["met"] else "**not met**")
+            detail = (f" ({t['ours']} {t['gap_ours']:.3f} vs {t['torchao']} {t['gap_torchao']:.3f})" if "gap_ours" in t else
+                      f" ({t['why']})" if "why" in t else "")
+            lines.append(f"Target {wk}: {t['statement']}: {verdict}{detail}.")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = list(result["widths"])
+    fig, axes = plt.subplots(1, len(widths), figsize=(4.2 * len(widths), 3.6), squeeze=False)
+    for ax, wk in zip(axes[0], widths):
+        w = result["widths"][wk]
+        for r in w["rows"].values():
+            if r.get("curve"):
+                xs, ys = zip(*r["curve"])
+                ax.plot(xs, ys, ("--" if r["family"] == "torchao" else "-"), marker="o", ms=3, label=r["label"])
+        ax.axhline(result["fp_ppl"], color="k", ls=":", lw=1, label="FP")
+        ax.axhline(w["reference_ptq_ppl"], color="gray", ls="-.", lw=1, label=f"PTQ {w['reference_grid']}")
+        ax.set_yscale("log")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(wk)
+        ax.set_xlabel("step")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("held-out perplexity")
+    fig.suptitle(f"{result['model']}: QAT, ours (solid) vs torchao (dashed)", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help="the default: " + str(PRESETS["quick"]))
+    preset.add_argument("--full", action="store_true", help="the recipes' steps, 4 x 256 tokens, 80 held-out blocks")
+    parser.add_argument("--steps", type=int, help="optimizer steps of every row (default: the preset's)")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--heldout-blocks", type=int)
+    parser.add_argument("--eval-every", type=int, help="held-out perplexity every N steps (also at 0 and at the end)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--only", help="comma-separated widths among " + ",".join(WIDTHS))
+    parser.add_argument("--methods", help="comma-separated row keys (lsq, lsqplus, l4q, peqa, zo, lwc, absmean, seq, tequila, torchao_dynamic, torchao_range)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "peers_accuracy.json")
+    args = parser.parse_args()
+    name = "full" if args.full else "quick"
+    p = PRESETS[name]
+    for k in p:
+        if getattr(args, k) is None:
+            setattr(args, k, p[k])
+    widths = args.only.split(",") if args.only else list(WIDTHS)
+    unknown = [w for w in widths if w not in WIDTHS]
+    if unknown:
+        parser.error(f"--only: unknown widths {unknown}; choose among {list(WIDTHS)}")
+    keys = {k for _, rows in WIDTHS.values() for k, _, _ in rows} | {k for k, _ in TORCHAO}
+    methods = set(args.methods.split(",")) if args.methods else None
+    if methods and methods - keys:
+        parser.error(f"--methods: unknown rows {sorted(methods - keys)}; choose among {sorted(keys)}")
+
+    import torch
+    from hydra.utils import instantiate
+
+    import qat
+    from qat.corpus import shipped_text, token_blocks
+    from qat.eval import perplexity
+    from qat.lit.data import stream_batch_indices
+    from qat.models import load_model
+    from qat.runtime import tune_malloc
+    from qat.train import ptq_factory
+
+    tune_malloc()
+    torch.set_num_threads(args.threads)
+    try:
+        import torchao  # noqa: F401
+
+        ao_version, ao_missing = torchao.__version__, None
+    except ImportError as e:
+        ao_version, ao_missing = None, f"torchao not installed ({e}); pip install -e '.[bench]'"
+
+    t_start = time.perf_counter()
+    fp_model, tokenizer = load_model(args.model)
+    blocks = token_blocks(tokenizer, shipped_text(), args.seq_len)
+    heldout, train_blocks = blocks[: args.heldout_blocks], blocks[args.heldout_blocks:]
+    fp_model.to(args.device)
+    fp_ppl = perplexity(fp_model, heldout)
+    print(f"FP: {fp_ppl:.4g} ({heldout.numel()} held-out tokens)", flush=True)
+
+    result = {
+        "what": "held-out perplexity after QAT, ours vs torchao, same data/steps/batch/schedule/seed per width; 210 decoder linears",
+        "model": args.model, "device": args.device, "preset": name,
+        "partial": bool(args.only or args.methods),
+        "fp_ppl": fp_ppl, "widths": {}, "targets": {},
+        "torch": torch.__version__, "torchao": ao_version, "notes": NOTES,
+    }
+    ptq_cache: dict[str, float] = {}
+
+    def ptq_of(factory) -> tuple[str, float]:
+        """Round-to-nearest on the grid of ``factory`` (``qat-train``'s PTQ), cached per grid."""
+        key = grid_name(factory().rtn()) + " RTN"
+        if key not in ptq_cache:
+            m = copy.deepcopy(fp_model)
+            qat.quantize_(m, weight=ptq_factory(factory), include="model.layers.*")
+            ptq_cache[key] = perplexity(m, heldout)
+            del m
+            print(f"PTQ {key}: {ptq_cache[key]:.4g}", flush=True)
+        return key, ptq_cache[key]
+
+    steps_used, failed = {}, []
+    for wk in widths:
+        ref_recipe, ours = WIDTHS[wk]
+        steps = args.steps or recipe_steps([f"recipe={ref_recipe}"])
+        steps_used[wk] = steps
+        eval_every = args.eval_every or max(1, steps // 4)
+        eval_steps = set(range(0, steps + 1, eval_every)) | {0, steps}
+        order = stream_batch_indices(len(train_blocks), args.batch, seed=args.seed)
+        batches = [train_blocks[next(order)] for _ in range(steps)]
+        ref_cfg = compose([f"recipe={ref_recipe}"], steps)
+        ref_factory = instantiate(ref_cfg.quant.weight)
+        ref_grid, ref_ptq = ptq_of(ref_factory)
+        width = {"reference_recipe": ref_recipe, "reference_grid": ref_grid, "reference_ptq_ppl": ref_ptq,
+                 "steps": steps, "tokens": steps * args.batch * args.seq_len, "rows": {}, "torchao_rows_ran": False}
+        result["widths"][wk] = width
+        rows = [(key, label, lambda o=overrides: run_ours(o, steps, batches, heldout, eval_steps, ptq_of, args))
+                for key, label, overrides in ours]
+        rows += [(key, "torchao " + ("range learning" if rl else "dynamic (STE)"),
+                  lambda rl=rl: run_torchao(ref_cfg, ref_recipe, rl, batches, heldout, eval_steps, args, ao_missing))
+                 for key, rl in TORCHAO]
+        for key, label, run in rows:
+            if methods and key not in methods:
+                continue
+            t0 = time.perf_counter()
+            try:
+                row = run()
+            except Exception as e:  # one broken row must not cost the others: recorded, and the exit status says so
+                import traceback
+
+                traceback.print_exc()
+                row = {"grid": "-", "status": f"error: {type(e).__name__}: {e}", "curve": []}
+                failed.append(f"{wk}/{key}")
+            family = "torchao" if key.startswith("torchao") else "ours"
+            width["rows"][key] = {"family": family, "label": label, **row, "seconds": time.perf_counter() - t0}
+            width["torchao_rows_ran"] |= family == "torchao" and row["status"] == "ok"
+            print(f"{wk} {label}: {fmt(row.get('qat_ppl'))} ({row['status']}, {time.perf_counter() - t0:.0f} s)", flush=True)
+        summarise(width, fp_ppl)
+        result["targets"][wk] = target(wk, width)
+
+    result["settings"] = {"steps": steps_used, "batch": args.batch, "seq_len": args.seq_len, "heldout_blocks": args.heldout_blocks,
+                          "heldout_tokens": int(heldout.numel()), "train_blocks": int(train_blocks.shape[0]),
+                          "eval_every": args.eval_every, "seed": args.seed, "threads": args.threads,
+                          "grad_clip": 1.0, "ptq": ptq_cache}
+    measured = [t["met"] for t in result["targets"].values() if t is not None and t["met"] is not None]
+    result["all_targets_met"] = all(measured) if measured else None
+    result["seconds"] = time.perf_counter() - t_start
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, out)
+    png = out.with_suffix(".png")
+    plot(result, png)
+    print("\n" + table(result))
+    print(f"\n{result['seconds']:.0f} s -> {out}, {png}")
+    if failed:
+        print(f"rows that failed: {', '.join(failed)} (see their status in the JSON)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

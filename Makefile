@@ -35,8 +35,16 @@ test-slow: install
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install -q -e ".[llamacpp]"
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q -m slow
 
+# The benchmarks in their quick setting (about an hour on 2 CPU cores; each script alone is one
+# command, see README "Measured"), then the README tables from their JSON files.
 bench: install
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/overhead.py
+	$(BIN)/python -c "import torchao, matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[bench]"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline sh -c '\
+	  $(BIN)/python benchmarks/peers_accuracy.py && \
+	  $(BIN)/python benchmarks/peers_overhead.py && \
+	  $(BIN)/python benchmarks/memory.py --chunked-loss 256 --checkpointing && \
+	  $(BIN)/python benchmarks/export_size.py && \
+	  $(BIN)/python benchmarks/report.py'
 
 clean:
 	rm -rf $(VENV) .pytest_cache

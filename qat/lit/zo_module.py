@@ -34,6 +34,7 @@ class ZOModule(QATModule):
         perturbation: direction kind (``qat.zo.perturb.MODES``; ``"auto"`` picks per role).
         share: one random coordinate per entry, row or tensor (``qat.zo.perturb.SHARES``), for all
             roles or per role (``{quant: tensor, adapter: none}``).
+        scale: per-role multipliers of the directions (``{adapter: 0.05}``; ``qat.zo.perturb``).
 
     Raises:
         ValueError: an unknown role, no parameter of the chosen roles, an optimizer that is not
@@ -45,7 +46,7 @@ class ZOModule(QATModule):
 
     forward_only = True  # qat-train refuses gradient clipping and accumulation for it, before loading
 
-    def __init__(self, model, optimizer, scheduler=None, total_steps: int = 1, train=("quant",), perturbation: str = "auto", share="none",
+    def __init__(self, model, optimizer, scheduler=None, total_steps: int = 1, train=("quant",), perturbation: str = "auto", share="none", scale=None,
                  quant_lr=None, quant_weight_decay: float = 0.0, adapter_lr=None, adapter_weight_decay: float = 0.0,
                  objective=None, teacher=None, freeze=()):
         super().__init__(model, optimizer, scheduler, total_steps, quant_lr, quant_weight_decay, adapter_lr,
@@ -61,11 +62,11 @@ class ZOModule(QATModule):
         if not any(p.requires_grad for p in self.model.parameters()):
             kinds = sorted({param_group(n, p) for n, p in self.model.named_parameters()})
             raise ValueError(f"module.train={list(roles)} matches no trainable parameter; this model has {kinds}")
-        self.perturbation_mode, self.share = perturbation, share
+        self.perturbation_mode, self.share, self.scale = perturbation, share, scale
         self.perturbation: Perturbation | None = None
 
     def configure_optimizers(self):
-        self.perturbation = Perturbation(self.model, self.perturbation_mode, self.share)
+        self.perturbation = Perturbation(self.model, self.perturbation_mode, self.share, self.scale)
         config = super().configure_optimizers()
         optimizer = config["optimizer"] if isinstance(config, dict) else config
         if not isinstance(optimizer, ZOSGD):

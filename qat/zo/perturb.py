@@ -31,6 +31,13 @@ relative rescaling of each layer's step sizes, say) but not millions of independ
 SubZero (arXiv 2410.08989) and LOZO (arXiv 2410.07698) restrict ZO to low-dimensional
 perturbations for the same reason.
 
+``scale`` multiplies one role's directions by a constant (``{"adapter": 0.05}``): one ``eps`` then
+perturbs roles of different sensitivity in proportion. The loss difference is shared by every
+role, so a role whose perturbation moves the loss much more than another's (LoRA factors inside a
+3-bit quantizer flip codes everywhere at ``eps = 1e-2``) drowns the other's signal in noise; a
+smaller direction for it keeps both measurable. The update uses the same scaled ``u`` (a fixed
+diagonal preconditioner), so the estimate stays unbiased for it.
+
 The projected gradient ``p = (L(theta + eps u) - L(theta - eps u)) / (2 eps)`` estimates
 ``u^T grad L``; the update ``theta -= lr * p * u`` descends in expectation (preconditioned by
 ``E[u u^T]``, which is ``diag(|theta|^2)`` or ``diag(s^2)`` for the scaled kinds).
@@ -70,6 +77,7 @@ class Moving:
     mode: str
     layer: nn.Module | None = None  # the QuantLinear whose latent weight this is (grid mode)
     share: str = "none"  # one z per entry, row or tensor
+    scale: float = 1.0  # the role's direction multiplier
 
 
 class Perturbation:
@@ -82,6 +90,7 @@ class Perturbation:
         share: ``"none"`` (one ``z`` per entry), ``"row"`` or ``"tensor"`` (one per row / tensor),
             or a mapping from role (``weights``, ``quant``, ``adapter``) to one of those; a role the
             mapping leaves out draws per entry.
+        scale: a mapping from role to a positive multiplier of its directions (1 for a role left out).
 
     Raises:
         ValueError: unknown mode or share; ``grid`` asked for a parameter that is not a quantized weight;
@@ -93,7 +102,7 @@ class Perturbation:
         ...     loss_plus = model(**batch).loss
     """
 
-    def __init__(self, model: nn.Module, mode: str = "auto", share: str | Mapping[str, str] = "none"):
+    def __init__(self, model: nn.Module, mode: str = "auto", share: str | Mapping[str, str] = "none", scale: Mapping[str, float] | None = None):
         from qat.lit.module import param_group  # the optimizer's roles; lazy: qat.lit imports Lightning
 
         if mode not in MODES:
@@ -102,6 +111,10 @@ class Perturbation:
         bad = {role: s for role, s in shares.items() if role not in ROLES or s not in SHARES}
         if bad:
             raise ValueError(f"perturbation share {share!r}: give one of {SHARES}, or a mapping from a role in {ROLES} to one of them")
+        scales = dict(scale or {})
+        bad_scale = {role: v for role, v in scales.items() if role not in ROLES or not float(v) > 0}
+        if bad_scale:
+            raise ValueError(f"perturbation scale {scales!r}: give a mapping from a role in {ROLES} to a positive multiplier")
         self.share = share
         owners: dict[int, list[tuple[nn.Module, str]]] = {}
         for module in model.modules():
@@ -117,7 +130,8 @@ class Perturbation:
                 kind = "grid" if layer is not None else "relative" if "_quantizer." in name else "gaussian"
             if kind == "grid" and layer is None:
                 raise ValueError(f"perturbation mode 'grid' needs a quantized layer's weight; {name} is not one (use mode='auto')")
-            self.moving.append(Moving(index, name, p, owners[id(p)], kind, layer, shares.get(param_group(name, p), "none")))
+            role = param_group(name, p)
+            self.moving.append(Moving(index, name, p, owners[id(p)], kind, layer, shares.get(role, "none"), float(scales.get(role, 1.0))))
         if not self.moving:
             raise ValueError("no parameter requires a gradient: nothing for zeroth-order training to move")
         self._by_param = {id(m.param): m for m in self.moving}
@@ -144,6 +158,8 @@ class Perturbation:
             noise = torch.rand(param.shape, generator=gen, device=param.device, dtype=torch.float32)
             z = torch.floor(z + noise)  # stochastic rounding: E[SR(z)] = z
             z = z * _step_of(m.layer, param)
+        if m.scale != 1.0:
+            z = z * m.scale
         return z.to(param.dtype)
 
     @contextlib.contextmanager

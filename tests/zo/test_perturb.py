@@ -190,3 +190,14 @@ def test_latent_weights_are_swapped_in_just_in_time_and_equal_the_eager_perturba
     torch.testing.assert_close(out, reference(x), rtol=0, atol=0)
     assert all(isinstance(m._parameters["weight"], nn.Parameter) for m in (model[0], model[2]))
     assert not model[0]._forward_pre_hooks and not model[0]._forward_hooks
+
+
+def test_scale_per_role_multiplies_that_roles_directions_only():
+    model = quant_mlp()
+    plain, scaled = Perturbation(model), Perturbation(model, scale={"quant": 0.25})
+    q = model[0].weight_quantizer.scale
+    torch.testing.assert_close(scaled.direction(q, 4), 0.25 * plain.direction(q, 4), rtol=0, atol=0)
+    assert torch.equal(scaled.direction(model[0].bias, 4), plain.direction(model[0].bias, 4))
+    for bad in ({"quant": 0.0}, {"scales": 1.0}):
+        with pytest.raises(ValueError, match="positive multiplier"):
+            Perturbation(model, scale=bad)

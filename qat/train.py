@@ -109,6 +109,7 @@ def run(cfg: DictConfig) -> float:
     from hydra.utils import instantiate
 
     import qat
+    from qat.fp_reference import cache_dir, fp_metric
     from qat.lit.checkpoint import AtomicCheckpointIO
     from qat.models import load_model
     from qat.runtime import tune_malloc
@@ -131,7 +132,9 @@ def run(cfg: DictConfig) -> float:
     fp = copy.deepcopy(model).eval().requires_grad_(False)
     metrics: dict = {}
     if cfg.eval.before and launch_rank() == 0:  # the other ranks would only repeat it
-        metrics[f"{metric}_fp"] = objective.evaluate(fp, heldout, fp)
+        metrics[f"{metric}_fp"], cached = fp_metric(fp, heldout, objective, lambda: objective.evaluate(fp, heldout, fp), cfg.eval.get("cache_fp", True))
+        if cached:
+            log.info("held-out %s of the FP model from the cache (%s): same weights, split and objective", metric, cache_dir())
         ptq = copy.deepcopy(fp)
         rtn = {k: ptq_factory(f) for k, f in quant.items()}
         qat.quantize_(ptq, **rtn, include=list(cfg.quant.include), exclude=cfg.quant.exclude)

@@ -149,6 +149,10 @@ def run(cfg: DictConfig) -> float:
     adapter = instantiate(cfg.adapter) if cfg.get("adapter") else None  # L4Q / LoRA / scale-only (qat.adapters)
     if adapter is not None:
         adapter.apply_(model)
+    if cfg.model.get("gradient_checkpointing"):  # recompute each block in the backward: activations shrink to block inputs
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise RunError(f"model.gradient_checkpointing=true: {type(model).__name__} does not support it; set it to false")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = instantiate(cfg.module, model=model, teacher=fp if objective.needs_teacher else None, objective=objective)
     if metric == "ppl":
         module.reference_ppl = {k.rsplit("_", 1)[1]: v for k, v in metrics.items()}

@@ -32,15 +32,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from overhead import RESULTS, _rss_peak_reset, _status_kb  # noqa: E402
+from common import add_batch_args, batch_argv, rss_peak_reset, run_mode, status_kb, write_json  # noqa: E402
 
 MODES = ("full_qat", "l4q", "scale_only")
 TARGETS = {"l4q": 0.6, "scale_only": 0.5}
@@ -110,8 +108,8 @@ def measure(mode: str, steps: int, threads: int, batch: int, seq_len: int, check
     gc.collect()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
-    before = _status_kb("VmRSS")
-    _rss_peak_reset()
+    before = status_kb("VmRSS")
+    rss_peak_reset()
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss if chunk is None else chunked_causal_lm_loss(model, ids, chunk)
@@ -119,7 +117,7 @@ def measure(mode: str, steps: int, threads: int, batch: int, seq_len: int, check
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return {
-        "peak_rss_mb": _status_kb("VmHWM") / 1024,
+        "peak_rss_mb": status_kb("VmHWM") / 1024,
         "rss_before_steps_mb": before / 1024,
         "step_s": (time.perf_counter() - t0) / steps,
         "trainable_params": sum(p.numel() for p in params),
@@ -130,15 +128,12 @@ def measure(mode: str, steps: int, threads: int, batch: int, seq_len: int, check
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
+    add_batch_args(parser, steps=3)
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block, in every mode")
     parser.add_argument("--chunked-loss", type=int, default=None, metavar="TOKENS", help="chunked cross-entropy, TOKENS per chunk, in every mode")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    common = ["--steps", str(args.steps), "--threads", str(args.threads), "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
+    common = batch_argv(args)
     common += ["--checkpointing"] if args.checkpointing else []
     common += ["--chunked-loss", str(args.chunked_loss)] if args.chunked_loss else []
     if args.mode:
@@ -146,11 +141,9 @@ def main() -> None:
         return
     variant = ("checkpointed" if args.checkpointing else "activations_kept") + ("_chunked_loss" if args.chunked_loss else "")
 
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", QAT_NO_MALLOC_TUNING="1")
     runs = {}
     for mode in MODES:
-        out = subprocess.run([sys.executable, __file__, *common, "--mode", mode], env=env, check=True, capture_output=True, text=True)
-        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        runs[mode] = run_mode(__file__, common, mode)
         print(f"{mode}: {runs[mode]['peak_rss_mb']:.0f} MB", file=sys.stderr)
     full = runs["full_qat"]["peak_rss_mb"]
     ratios = {m: runs[m]["peak_rss_mb"] / full for m in MODES}
@@ -170,13 +163,7 @@ def main() -> None:
         "targets": TARGETS,
         "meets_targets": {m: ratios[m] <= t for m, t in TARGETS.items()},
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "adapter_memory.json"
-    results = json.loads(out.read_text()) if out.exists() else {}
-    results[variant] = result  # one section per variant: a run of the other keeps its numbers
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out)
+    out = write_json("adapter_memory", result, section=variant)  # one section per variant: a run of another keeps its numbers
     print("| mode | peak RSS (MB) | x full QAT | target | step (s) | trainable params |")
     print("|---|---|---|---|---|---|")
     for m in MODES:

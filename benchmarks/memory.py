@@ -31,15 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import adapter_memory  # noqa: E402
 import zo_memory  # noqa: E402
-from overhead import RESULTS  # noqa: E402
+from common import add_batch_args, batch_argv, run_mode, write_json  # noqa: E402
 from report import memory_table  # noqa: E402
 
 MODES = ("inference", "full_qat", "l4q", "scale_only", "zo_scales", "zo_weights")
@@ -66,10 +64,7 @@ def measure(mode: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
+    add_batch_args(parser, steps=2)
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block, in the backprop modes")
     parser.add_argument("--chunked-loss", type=int, default=None, metavar="TOKENS", help="chunked cross-entropy, TOKENS per chunk, in every mode")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="a subset (the ratios need inference and full_qat)")
@@ -78,16 +73,14 @@ def main() -> None:
     if args.mode:
         print(json.dumps(measure(args.mode, args)))
         return
-    common = ["--steps", str(args.steps), "--threads", str(args.threads), "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
+    common = batch_argv(args)
     common += ["--checkpointing"] if args.checkpointing else []
     common += ["--chunked-loss", str(args.chunked_loss)] if args.chunked_loss else []
     variant = ("checkpointed" if args.checkpointing else "activations_kept") + ("_chunked_loss" if args.chunked_loss else "")
 
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", QAT_NO_MALLOC_TUNING="1")  # as adapter_memory / zo_memory
     runs = {}
     for mode in args.modes:
-        out = subprocess.run([sys.executable, __file__, *common, "--mode", mode], env=env, check=True, capture_output=True, text=True)
-        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        runs[mode] = run_mode(__file__, common, mode)
         print(f"{mode}: {runs[mode]['peak_rss_mb']:.0f} MB", file=sys.stderr)
     for r in runs.values():
         for ref in ("inference", "full_qat"):
@@ -109,13 +102,7 @@ def main() -> None:
         "targets": {m: {"of": ref, "at_most": t} for m, (ref, t) in TARGETS.items()},
         "meets_targets": met,
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "memory.json"
-    results = json.loads(out.read_text()) if out.exists() else {}
-    results[variant] = result  # one section per variant: a run of another keeps its numbers
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out)
+    out = write_json("memory", result, section=variant)  # one section per variant: a run of another keeps its numbers
     print(memory_table(result))
     print(f"\n{variant} -> {out}")
 

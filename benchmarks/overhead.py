@@ -29,36 +29,24 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import LOW_MMAP_ENV, RESULTS, add_batch_args, write_json  # noqa: E402,F401  (RESULTS: imported from here by recipes.py)
+from common import rss_peak_reset as _rss_peak_reset  # noqa: E402
+from common import status_kb as _status_kb  # noqa: E402
 
 
 def _memory_in_subprocess(argv: list[str]) -> dict:
     import subprocess
 
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", QAT_NO_MALLOC_TUNING="1")
+    env = dict(os.environ, **LOW_MMAP_ENV)
     out = subprocess.run([sys.executable, __file__, *argv, "--memory"], env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _rss_peak_reset() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
+    add_batch_args(parser)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--no-tune", action="store_true", help="time with glibc's default allocator settings")
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
@@ -131,11 +119,7 @@ def main() -> None:
         "peak_rss_ratio": lq["process_peak_rss_mb"] / fp["process_peak_rss_mb"],
         "step_memory_ratio": lq["step_peak_increase_mb"] / fp["step_peak_increase_mb"],
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("overhead_untuned.json" if args.no_tune else "overhead.json")
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    out = write_json("overhead_untuned" if args.no_tune else "overhead", result)
     print("| variant | step (s) | step peak increase (MB) | process peak RSS (MB) |")
     print("|---|---|---|---|")
     for name, s in summary.items():

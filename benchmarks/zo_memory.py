@@ -25,13 +25,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import RESULTS, _rss_peak_reset, _status_kb  # noqa: E402
+from common import add_batch_args, batch_argv, rss_peak_reset, run_mode, status_kb, write_json  # noqa: E402
 
 MODES = ("inference", "zo_scales", "zo_weights", "backprop_qat")
 TARGET = 1.1
@@ -106,30 +104,23 @@ def measure(mode: str, args, chunk: int | None = None, materialize: bool = False
     qat.quantize_(model, weight=functools.partial(LSQ, bits=4, granularity="group", group_size=32, init="minmax"), include="model.layers.*")
     step = make_step(mode, model, ids, chunk)
     step()  # warm-up: optimizer state, thread pools, allocator
-    _rss_peak_reset()
+    rss_peak_reset()
     for _ in range(args.steps):
         step()
-    return {"peak_rss_mb": _status_kb("VmHWM") / 1024, "moving_params": sum(p.numel() for p in model.parameters() if p.requires_grad) if mode != "inference" else 0}
+    return {"peak_rss_mb": status_kb("VmHWM") / 1024, "moving_params": sum(p.numel() for p in model.parameters() if p.requires_grad) if mode != "inference" else 0}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
+    add_batch_args(parser, steps=2)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
         print(json.dumps(measure(args.mode, args)))
         return
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", QAT_NO_MALLOC_TUNING="1")
-    common = ["--steps", str(args.steps), "--threads", str(args.threads), "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--model", args.model]
-    runs = {}
-    for mode in MODES:
-        out = subprocess.run([sys.executable, __file__, *common, "--mode", mode], env=env, check=True, capture_output=True, text=True)
-        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    common = batch_argv(args) + ["--model", args.model]
+    runs = {mode: run_mode(__file__, common, mode) for mode in MODES}
     base = runs["inference"]["peak_rss_mb"]
     for r in runs.values():
         r["ratio_to_inference"] = r["peak_rss_mb"] / base
@@ -142,11 +133,7 @@ def main() -> None:
         "torch": torch.__version__, "target_zo_over_inference": TARGET, "modes": runs,
         "met": all(runs[m]["ratio_to_inference"] <= TARGET for m in ("zo_scales", "zo_weights")),
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "zo_memory.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    out = write_json("zo_memory", result)
     print("| mode | moving parameters | peak RSS (MB) | x inference | x backprop QAT |")
     print("|---|---|---|---|---|")
     for mode, r in runs.items():

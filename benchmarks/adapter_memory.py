@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import add_batch_args, batch_argv, rss_peak_reset, run_mode, status_kb, write_json  # noqa: E402
+from common import add_batch_args, batch_argv, rss_peak_reset, run_mode, settings, status_kb, write_json  # noqa: E402
 
 MODES = ("full_qat", "l4q", "scale_only")
 TARGETS = {"l4q": 0.6, "scale_only": 0.5}
@@ -147,17 +147,11 @@ def main() -> None:
         print(f"{mode}: {runs[mode]['peak_rss_mb']:.0f} MB", file=sys.stderr)
     full = runs["full_qat"]["peak_rss_mb"]
     ratios = {m: runs[m]["peak_rss_mb"] / full for m in MODES}
-    import torch
-
     result = {
         "what": "SmolLM2-135M training step (fwd+bwd+AdamW), float32 CPU, peak RSS over the steps; w4 g32 on 210 decoder linears",
         "checkpointing": args.checkpointing,
         "chunked_loss_tokens": args.chunked_loss,
-        "batch": args.batch,
-        "seq_len": args.seq_len,
-        "steps": args.steps,
-        "threads": args.threads,
-        "torch": torch.__version__,
+        **settings(args),
         "runs": runs,
         "ratio_to_full_qat": ratios,
         "targets": TARGETS,

@@ -70,3 +70,11 @@ def status_kb(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """The batch options of a run and the torch version, for the result's header."""
+    import torch
+
+    keys = ("batch", "seq_len", "steps", "threads")
+    return {**{k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}, "torch": torch.__version__}

@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import adapter_memory  # noqa: E402
 import zo_memory  # noqa: E402
-from common import add_batch_args, batch_argv, run_mode, write_json  # noqa: E402
+from common import add_batch_args, batch_argv, run_mode, settings, write_json  # noqa: E402
 from report import memory_table  # noqa: E402
 
 MODES = ("inference", "full_qat", "l4q", "scale_only", "zo_scales", "zo_weights")
@@ -86,18 +86,12 @@ def main() -> None:
         for ref in ("inference", "full_qat"):
             r[f"ratio_to_{ref}"] = r["peak_rss_mb"] / runs[ref]["peak_rss_mb"] if ref in runs else None
     met = {m: runs[m][f"ratio_to_{ref}"] <= t for m, (ref, t) in TARGETS.items() if m in runs and runs[m][f"ratio_to_{ref}"] is not None}
-    import torch
-
     result = {
         "what": "SmolLM2-135M, w4 g32 on 210 decoder linears, float32 CPU: process peak RSS of a step of the same batch, per mode",
         "checkpointing": args.checkpointing,
         "checkpointing_applies_to": list(BACKPROP) if args.checkpointing else [],
         "chunked_loss_tokens": args.chunked_loss,
-        "batch": args.batch,
-        "seq_len": args.seq_len,
-        "steps": args.steps,
-        "threads": args.threads,
-        "torch": torch.__version__,
+        **settings(args),
         "modes": runs,
         "targets": {m: {"of": ref, "at_most": t} for m, (ref, t) in TARGETS.items()},
         "meets_targets": met,

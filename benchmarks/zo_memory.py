@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_batch_args, batch_argv, rss_peak_reset, run_mode, status_kb, write_json  # noqa: E402
+from common import add_batch_args, batch_argv, rss_peak_reset, run_mode, settings, status_kb, write_json  # noqa: E402
 
 MODES = ("inference", "zo_scales", "zo_weights", "backprop_qat")
 TARGET = 1.1
@@ -125,12 +125,9 @@ def main() -> None:
     for r in runs.values():
         r["ratio_to_inference"] = r["peak_rss_mb"] / base
         r["ratio_to_backprop_qat"] = r["peak_rss_mb"] / runs["backprop_qat"]["peak_rss_mb"]
-    import torch
-
     result = {
         "what": "SmolLM2-135M, LSQ w4 g32 on 210 decoder linears, float32 CPU: process peak RSS during a step",
-        "batch": args.batch, "seq_len": args.seq_len, "threads": args.threads, "steps": args.steps,
-        "torch": torch.__version__, "target_zo_over_inference": TARGET, "modes": runs,
+        **settings(args), "target_zo_over_inference": TARGET, "modes": runs,
         "met": all(runs[m]["ratio_to_inference"] <= TARGET for m in ("zo_scales", "zo_weights")),
     }
     out = write_json("zo_memory", result)

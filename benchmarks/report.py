@@ -133,7 +133,7 @@ def _weights(quant: dict) -> str:
 
 
 def recipes(r: dict) -> str:
-    rows = ["| recipe | weights | steps (tokens) | PTQ (RTN) | QAT | x FP | zero fraction, start -> end | wall | peak RSS |",
+    rows = ["| recipe | weights | steps (tokens) | PTQ (RTN) | QAT | x FP | ternary dead-zone fraction, start -> end | wall | peak RSS |",
             "|---|---|---|---|---|---|---|---|---|"]
     failed = []
     for key, e in r.items():
@@ -145,7 +145,8 @@ def recipes(r: dict) -> str:
         fp, ptq, q = m.get(f"{metric}_fp"), m.get(f"{metric}_ptq"), m.get(f"{metric}_qat")
         ratio = f"{q / fp:.2f}" if metric == "ppl" and fp else f"cos {q:.4f}"
         qs = e.get("quant_stats") or {}
-        zero = f"{qs['first']['zero_frac']:.4f} -> {qs['last']['zero_frac']:.4f}" if qs.get("first", {}).get("zero_frac") is not None else "-"
+        ternary = (m.get("quant", {}).get("weight") or {}).get("_target_", "").endswith("Ternary")
+        zero = f"{qs['first']['zero_frac']:.4f} -> {qs['last']['zero_frac']:.4f}" if ternary and qs.get("first", {}).get("zero_frac") is not None else "-"
         label = key.split(" ", 1)
         name = f"`{label[0]}`" + (f" ({label[1]})" if len(label) > 1 else "")
         rows.append(f"| {name} | {_weights(m.get('quant', {}))} | {m['steps']} ({m['tokens'] // 1000}k) | {ptq:.4g} | **{q:.4g}** | {ratio} | {zero} | "

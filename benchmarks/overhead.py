@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LOW_MMAP_ENV, RESULTS, add_batch_args, write_json  # noqa: E402,F401  (RESULTS: imported from here by recipes.py)
+from common import LOW_MMAP_ENV, add_batch_args, write_json  # noqa: E402
 from common import rss_peak_reset as _rss_peak_reset  # noqa: E402
 from common import status_kb as _status_kb  # noqa: E402
 

@@ -28,15 +28,13 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import RESULTS  # noqa: E402
+from common import add_batch_args, write_json  # noqa: E402
 
 VARIANTS = ("fp", "ours", "torchao")
 
@@ -69,9 +67,7 @@ def build_torchao(model):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
+    add_batch_args(parser)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--no-tune", action="store_true", help="time with glibc's default allocator settings")
@@ -141,11 +137,7 @@ def main() -> None:
         "target": "ours / fp <= torchao / fp",
         "met": ours <= ao,
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("peers_overhead" + ("_cuda" if args.device == "cuda" else "") + ("_untuned" if args.no_tune else "") + ".json")
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    out = write_json("peers_overhead" + ("_cuda" if args.device == "cuda" else "") + ("_untuned" if args.no_tune else ""), result)
     print("| variant | step (s) | x fp |")
     print("|---|---|---|")
     for name, s in summary.items():

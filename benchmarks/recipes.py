@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import RESULTS  # noqa: E402
+from common import write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes" / "experiment"
@@ -85,17 +85,11 @@ def main() -> None:
     unknown = [n for n in names if not (RECIPES / f"{n}.yaml").exists()]
     if unknown:
         parser.error(f"unknown recipe(s) {unknown}: choose from {sorted(p.stem for p in RECIPES.glob('*.yaml'))}")
-    out = RESULTS / "recipes.json"
     for name in names:
         entry = run(name, args.threads, overrides, args.out)
         entry["machine"] = machine()
-        results = json.loads(out.read_text()) if out.exists() else {}
         key = name if not overrides else f"{name} {' '.join(overrides)}"
-        results[key] = entry  # one entry per recipe (and overrides): a later run replaces it
-        RESULTS.mkdir(exist_ok=True)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, out)
+        write_json("recipes", entry, section=key)  # one entry per recipe (and overrides): a later run replaces it
         m = entry.get("metrics", {})
         metric = "ppl" if "ppl_qat" in m else "cos"
         summary = f"FP {m.get(f'{metric}_fp')}, PTQ {m.get(f'{metric}_ptq')}, QAT {m.get(f'{metric}_qat')}" if m else f"FAILED rc={entry['returncode']}"

@@ -115,7 +115,6 @@ class Perturbation:
         bad_scale = {role: v for role, v in scales.items() if role not in ROLES or not float(v) > 0}
         if bad_scale:
             raise ValueError(f"perturbation scale {scales!r}: give a mapping from a role in {ROLES} to a positive multiplier")
-        self.share = share
         owners: dict[int, list[tuple[nn.Module, str]]] = {}
         for module in model.modules():
             for pname, p in module._parameters.items():

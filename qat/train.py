@@ -95,6 +95,15 @@ def check_forward_only(cfg: DictConfig) -> None:
         raise RunError("module=zo trains forward-only, there is no gradient to clip: add trainer.gradient_clip_val=null")
     if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
         raise RunError("module=zo trains forward-only: use optim.optimizer.n (seeds per step) instead of trainer.accumulate_grad_batches")
+    from qat.zo.perturb import check_options
+
+    m = cfg.module
+    options = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in
+               (("mode", m.get("perturbation", "auto")), ("share", m.get("share", "none")), ("scale", m.get("scale")))}
+    try:
+        check_options(**options)
+    except ValueError as e:
+        raise RunError(f"module: {e}") from None
 
 
 def ptq_factory(factory):

@@ -19,7 +19,7 @@ import math
 import torch
 
 from qat.lit.module import QATModule, param_group
-from qat.zo.perturb import ROLES, Perturbation
+from qat.zo.perturb import ROLES, Perturbation, check_options
 from qat.zo.spsa import ZOSGD
 
 
@@ -62,6 +62,7 @@ class ZOModule(QATModule):
         if not any(p.requires_grad for p in self.model.parameters()):
             kinds = sorted({param_group(n, p) for n, p in self.model.named_parameters()})
             raise ValueError(f"module.train={list(roles)} matches no trainable parameter; this model has {kinds}")
+        check_options(perturbation, share, scale)  # at construction, not first at configure_optimizers
         self.perturbation_mode, self.share, self.scale = perturbation, share, scale
         self.perturbation: Perturbation | None = None
 

@@ -80,6 +80,27 @@ class Moving:
     scale: float = 1.0  # the role's direction multiplier
 
 
+def check_options(mode: str = "auto", share: str | Mapping[str, str] = "none", scale: Mapping[str, float] | None = None) -> tuple[dict, dict]:
+    """Validate ``Perturbation``'s options without a model; returns the per-role share and scale.
+
+    Called by ``qat-train`` before the model loads (``module=zo``) and by ``Perturbation`` itself.
+    """
+    if mode not in MODES:
+        raise ValueError(f"perturbation mode {mode!r} is not one of {MODES}")
+    shares = dict(share) if isinstance(share, Mapping) else {role: share for role in ROLES}
+    bad = {role: s for role, s in shares.items() if role not in ROLES or s not in SHARES}
+    if bad:
+        raise ValueError(f"perturbation share {share!r}: give one of {SHARES}, or a mapping from a role in {ROLES} to one of them")
+    scales = dict(scale or {})
+    try:
+        bad_scale = {role: v for role, v in scales.items() if role not in ROLES or not float(v) > 0}
+    except (TypeError, ValueError):
+        bad_scale = scales
+    if bad_scale:
+        raise ValueError(f"perturbation scale {scales!r}: give a mapping from a role in {ROLES} to a positive multiplier")
+    return shares, scales
+
+
 class Perturbation:
     """Seeded directions for the parameters of ``model`` that require gradients, applied out of place.
 
@@ -105,16 +126,7 @@ class Perturbation:
     def __init__(self, model: nn.Module, mode: str = "auto", share: str | Mapping[str, str] = "none", scale: Mapping[str, float] | None = None):
         from qat.lit.module import param_group  # the optimizer's roles; lazy: qat.lit imports Lightning
 
-        if mode not in MODES:
-            raise ValueError(f"perturbation mode {mode!r} is not one of {MODES}")
-        shares = dict(share) if isinstance(share, Mapping) else {role: share for role in ROLES}
-        bad = {role: s for role, s in shares.items() if role not in ROLES or s not in SHARES}
-        if bad:
-            raise ValueError(f"perturbation share {share!r}: give one of {SHARES}, or a mapping from a role in {ROLES} to one of them")
-        scales = dict(scale or {})
-        bad_scale = {role: v for role, v in scales.items() if role not in ROLES or not float(v) > 0}
-        if bad_scale:
-            raise ValueError(f"perturbation scale {scales!r}: give a mapping from a role in {ROLES} to a positive multiplier")
+        shares, scales = check_options(mode, share, scale)
         owners: dict[int, list[tuple[nn.Module, str]]] = {}
         for module in model.modules():
             for pname, p in module._parameters.items():

@@ -71,6 +71,10 @@ def test_wrong_pairings_and_roles_are_refused(small_quantized):
         ZOModule(copy.deepcopy(model), functools.partial(ZOSGD), train=["latent"])
     with pytest.raises(ValueError, match="matches no trainable parameter"):
         ZOModule(copy.deepcopy(model), functools.partial(ZOSGD), train=["adapter"])
+    with pytest.raises(ValueError, match="perturbation share 'column'"):
+        ZOModule(copy.deepcopy(model), functools.partial(ZOSGD), train=["quant"], share="column")
+    with pytest.raises(ValueError, match="positive multiplier"):
+        ZOModule(copy.deepcopy(model), functools.partial(ZOSGD), train=["quant"], scale={"adapter": 0})
     with pytest.raises(ValueError, match="needs optim=zo_sgd"):
         ZOModule(copy.deepcopy(model), functools.partial(torch.optim.AdamW), train=["quant"]).configure_optimizers()
     with pytest.raises(ValueError, match="use it with module=zo"):
@@ -83,3 +87,14 @@ def test_cli_refuses_gradient_clipping_for_forward_only_training(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "trainer.gradient_clip_val=null" in out.stderr
+
+
+@pytest.mark.parametrize("override, message", [("module.share=column", "perturbation share 'column'"),
+                                               ("module.scale={latent: 0.1}", "positive multiplier")])
+def test_cli_refuses_bad_perturbation_options_before_loading(tmp_path, override, message):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
+    cmd = [sys.executable, "-m", "qat.train", f"hydra.run.dir={tmp_path / 'run'}", "module=zo", "optim=zo_sgd",
+           "trainer.gradient_clip_val=null", override]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert message in out.stderr and "module:" in out.stderr

@@ -132,28 +132,63 @@ def _weights(quant: dict) -> str:
     return " ".join(p for p in parts if p)
 
 
+def _qat(r: dict, name: str) -> float | None:
+    return (r.get(name, {}).get("metrics") or {}).get("ppl_qat")
+
+
+# The accuracy targets of the issues, per recipe: (what, met(metrics, all results) -> bool | None).
+TARGETS = {
+    "smollm2_ternary_tequila": ("<= 10x FP and < `smollm2_ternary_absmean`",
+                                lambda m, r: m["ppl_qat"] <= 10 * m["ppl_fp"] and (_qat(r, "smollm2_ternary_absmean") or 0) > m["ppl_qat"]
+                                if _qat(r, "smollm2_ternary_absmean") else None),
+    "smollm2_w2_lsq": ("<= 3x FP", lambda m, r: m["ppl_qat"] <= 3 * m["ppl_fp"]),
+    "smollm2_w3_lsq": ("<= 1.3x FP", lambda m, r: m["ppl_qat"] <= 1.3 * m["ppl_fp"]),
+    "smollm2_w4_lsq": ("<= 1.05x FP", lambda m, r: m["ppl_qat"] <= 1.05 * m["ppl_fp"]),
+    "smollm2_w4_l4q": ("<= 1.05x `smollm2_w4_lsq`",
+                       lambda m, r: m["ppl_qat"] <= 1.05 * _qat(r, "smollm2_w4_lsq") if _qat(r, "smollm2_w4_lsq") else None),
+    "smollm2_w3_l4q": ("< `smollm2_w3_qlora`",
+                       lambda m, r: m["ppl_qat"] < _qat(r, "smollm2_w3_qlora") if _qat(r, "smollm2_w3_qlora") else None),
+}
+
+
+def _order(item: tuple[str, dict]) -> tuple:
+    """Rows by model, then width (ternary first), then name."""
+    key, e = item
+    w = ((e.get("metrics") or {}).get("quant") or {}).get("weight") or {}
+    bits = 1.58 if w.get("_target_", "").endswith("Ternary") else float(w.get("bits") or 99)
+    return (not key.startswith("smollm2"), bits, key)
+
+
 def recipes(r: dict) -> str:
-    rows = ["| recipe | weights | steps (tokens) | PTQ (RTN) | QAT | x FP | ternary dead-zone fraction, start -> end | wall | peak RSS |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| recipe | weights | steps (tokens) | PTQ (RTN) | QAT | x FP | target | met | ternary dead-zone fraction, start -> end | wall | peak RSS |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     failed = []
-    for key, e in r.items():
+    for key, e in sorted(r.items(), key=_order):
         m = e.get("metrics")
         if not m:
             failed.append(f"`{key}` (exit {e.get('returncode')})")
             continue
         metric = "ppl" if "ppl_qat" in m else "cos"
         fp, ptq, q = m.get(f"{metric}_fp"), m.get(f"{metric}_ptq"), m.get(f"{metric}_qat")
-        ratio = f"{q / fp:.2f}" if metric == "ppl" and fp else f"cos {q:.4f}"
+        ratio = f"{q / fp:.2f}" if metric == "ppl" and fp else "-"
         qs = e.get("quant_stats") or {}
         ternary = (m.get("quant", {}).get("weight") or {}).get("_target_", "").endswith("Ternary")
-        zero = f"{qs['first']['zero_frac']:.4f} -> {qs['last']['zero_frac']:.4f}" if ternary and qs.get("first", {}).get("zero_frac") is not None else "-"
+        zero = f"{qs['first']['zero_frac']:.5f} -> {qs['last']['zero_frac']:.5f}" if ternary and qs.get("first", {}).get("zero_frac") is not None else "-"
         label = key.split(" ", 1)
         name = f"`{label[0]}`" + (f" ({label[1]})" if len(label) > 1 else "")
-        rows.append(f"| {name} | {_weights(m.get('quant', {}))} | {m['steps']} ({m['tokens'] // 1000}k) | {ptq:.4g} | **{q:.4g}** | {ratio} | {zero} | "
+        target, met = "", ""
+        if label[0] in TARGETS and len(label) == 1 and metric == "ppl":
+            target, check = TARGETS[label[0]]
+            ok = check(m, r)
+            met = "-" if ok is None else ("yes" if ok else "**no**")
+        value = f"{q:.4g}" if metric == "ppl" else f"cos {q:.4f}"
+        before = f"{ptq:.4g}" if metric == "ppl" else f"cos {ptq:.4f}"
+        rows.append(f"| {name} | {_weights(m.get('quant', {}))} | {m['steps']} ({m['tokens'] // 1000}k) | {before} | **{value}** | {ratio} | {target} | {met} | {zero} | "
                     f"{m['seconds']:.0f} s | {m.get('peak_rss_mb', 0) / 1000:.1f} GB |")
     machines = {f"{e['machine']['cpus']} CPUs, torch {e['machine']['torch']}" for e in r.values() if "machine" in e}
     rows.append(f"\nFP {next((e['metrics'].get('ppl_fp') for e in r.values() if e.get('metrics', {}).get('ppl_fp')), float('nan')):.2f}; "
-                f"held-out perplexity (cosine to FP for MiniLM) on the first 20,480 tokens of the shipped text; {'; '.join(sorted(machines))}. "
+                f"held-out perplexity on the first 20,480 tokens of the shipped text (MiniLM: mean cosine of the sentence embeddings "
+                f"to the FP model's on held-out sentences); {'; '.join(sorted(machines))}. "
                 "Each run: `.venv/bin/python benchmarks/recipes.py NAME` (the exact `qat-train` command is in `benchmarks/results/recipes.json`).")
     if failed:
         rows.append(f"Failed runs: {', '.join(failed)}.")

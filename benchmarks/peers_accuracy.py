@@ -400,7 +400,7 @@ def table(result: dict) -> str:
             qat = fmt(r.get("qat_ppl")) if r["status"] == "ok" else r["status"]
             lines.append(f"| {wk} | {name} | {r['grid']} | {fmt(r.get('ptq_ppl'))} | {qat} | {fmt(r.get('ratio_to_fp'), '.3g')} | "
                          f"{fmt(r.get('gap_recovered_own_grid'), '.3f')} | {fmt(r.get('gap_recovered'), '.3f')} | "
-                         f"{fmt(r.get('over_torchao_best'), '.3f')} | {fmt(r.get('train_seconds'), '.0f')} |")
+                         f"{fmt(r.get('over_torchao_best'), '.3g')} | {fmt(r.get('train_seconds'), '.0f')} |")
     s = result["settings"]
     lines.append(f"\nFP perplexity {result['fp_ppl']:.4g} on {s['heldout_tokens']} held-out tokens; every row of a width: "
                  f"{s['batch']} x {s['seq_len']} tokens a step, steps {', '.join(f'{k} {v}' for k, v in s['steps'].items())}, "

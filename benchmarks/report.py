@@ -119,11 +119,23 @@ def peers_accuracy(r: dict) -> str:
     return table(r) + ("\n\nA partial run (`--only` / `--methods`): not every width or method." if r.get("partial") else "")
 
 
+def deadzone(r: dict) -> str:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from deadzone import table  # the benchmark prints the same table
+
+    return table(r)
+
+
 def _weights(quant: dict) -> str:
     """A short name of a run's quantization config (``metrics.json``'s ``quant``)."""
     w = quant.get("weight") or {}
     name = w.get("_target_", "").rsplit(".", 1)[-1]
-    bits = "ternary" if name == "Ternary" else f"w{w.get('bits')}"
+    if name == "Ternary":
+        group = f"g{w['group_size']}" if w.get("granularity") == "group" else w.get("granularity", "")
+        return " ".join(p for p in ("ternary", w.get("method", ""), group, w.get("deadzone") or "") if p)
+    bits = f"w{w.get('bits')}"
     group = f"g{w['group_size']}" if w.get("granularity") == "group" else w.get("granularity", "")
     parts = [name, w.get("method", ""), bits, "asym" if w.get("symmetric") is False or w.get("offset") else "", group, w.get("deadzone") or ""]
     a = quant.get("activation")
@@ -197,6 +209,7 @@ def recipes(r: dict) -> str:
 
 TABLES = {
     "recipes": recipes,
+    "deadzone": deadzone,
     "ptq_baselines": ptq_baselines,
     "overhead": overhead,
     "peers_overhead": peers_overhead,

@@ -37,20 +37,14 @@ DEFAULT = ["smollm2_ternary_tequila", "smollm2_ternary_absmean"]
 def measure(run_dir: Path) -> dict:
     """The dead-zone counts of one finished run (start: its quantizer config on the pretrained weights)."""
     import torch
-    from hydra.utils import instantiate
 
-    import qat
     from qat.evaluate import _locate, build_model, load_config
     from qat.lit.callbacks import _latent
-    from qat.models import load_model
 
     run_dir, ckpt = _locate(run_dir)
     cfg = load_config(run_dir)
     trained, _, _ = build_model(cfg, ckpt)
-    start, _ = load_model(cfg.model.name, task=cfg.model.task, dtype=cfg.model.dtype)
-    factories = {k: instantiate(cfg.quant[k]) for k in ("weight", "activation", "embedding") if cfg.quant.get(k) is not None}
-    qat.quantize_(start, include=list(cfg.quant.include), exclude=cfg.quant.exclude, **factories)
-    begin = dict(start.named_modules())
+    begin = dict(build_model(cfg, None)[0].named_modules())
     counts = dict.fromkeys(("n", "start_zero", "end_zero", "trapped", "escaped", "entered"), 0)
     with torch.no_grad():
         for name, layer in trained.named_modules():

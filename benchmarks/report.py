@@ -132,11 +132,10 @@ def _weights(quant: dict) -> str:
     """A short name of a run's quantization config (``metrics.json``'s ``quant``)."""
     w = quant.get("weight") or {}
     name = w.get("_target_", "").rsplit(".", 1)[-1]
+    group = f"g{w['group_size']}" if w.get("granularity") == "group" else w.get("granularity", "")
     if name == "Ternary":
-        group = f"g{w['group_size']}" if w.get("granularity") == "group" else w.get("granularity", "")
         return " ".join(p for p in ("ternary", w.get("method", ""), group, w.get("deadzone") or "") if p)
     bits = f"w{w.get('bits')}"
-    group = f"g{w['group_size']}" if w.get("granularity") == "group" else w.get("granularity", "")
     parts = [name, w.get("method", ""), bits, "asym" if w.get("symmetric") is False or w.get("offset") else "", group, w.get("deadzone") or ""]
     a = quant.get("activation")
     if a:
@@ -151,7 +150,7 @@ def _qat(r: dict, name: str) -> float | None:
 # The accuracy targets of the issues, per recipe: (what, met(metrics, all results) -> bool | None).
 TARGETS = {
     "smollm2_ternary_tequila": ("<= 10x FP and < `smollm2_ternary_absmean`",
-                                lambda m, r: m["ppl_qat"] <= 10 * m["ppl_fp"] and (_qat(r, "smollm2_ternary_absmean") or 0) > m["ppl_qat"]
+                                lambda m, r: m["ppl_qat"] <= 10 * m["ppl_fp"] and m["ppl_qat"] < _qat(r, "smollm2_ternary_absmean")
                                 if _qat(r, "smollm2_ternary_absmean") else None),
     "smollm2_w2_lsq": ("<= 3x FP", lambda m, r: m["ppl_qat"] <= 3 * m["ppl_fp"]),
     "smollm2_w3_lsq": ("<= 1.3x FP", lambda m, r: m["ppl_qat"] <= 1.3 * m["ppl_fp"]),

@@ -42,7 +42,7 @@ def load_config(run_dir: Path):
     return OmegaConf.load(cfg_file)
 
 
-def build_model(cfg, ckpt: Path, float_copy: bool = False):
+def build_model(cfg, ckpt: Path | None, float_copy: bool = False):
     """The run's model, quantized as in training, with the checkpoint's weights and quantizer state.
 
     Returns:
@@ -63,8 +63,9 @@ def build_model(cfg, ckpt: Path, float_copy: bool = False):
     qat.quantize_(model, include=list(cfg.quant.include), exclude=cfg.quant.exclude, **factories)
     if cfg.get("adapter"):  # the run's adapters (qat.adapters), so that the checkpoint's keys have their places
         instantiate(cfg.adapter).apply_(model)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    if ckpt is not None:  # None: the run's quantized model at its start, before training
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     return model, tokenizer, fp
 
 

@@ -97,11 +97,9 @@ def check_forward_only(cfg: DictConfig) -> None:
         raise RunError("module=zo trains forward-only: use optim.optimizer.n (seeds per step) instead of trainer.accumulate_grad_batches")
     from qat.zo.perturb import check_options
 
-    m = cfg.module
-    options = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in
-               (("mode", m.get("perturbation", "auto")), ("share", m.get("share", "none")), ("scale", m.get("scale")))}
+    m = OmegaConf.to_container(cfg.module, resolve=True)
     try:
-        check_options(**options)
+        check_options(m.get("perturbation", "auto"), m.get("share", "none"), m.get("scale"))
     except ValueError as e:
         raise RunError(f"module: {e}") from None
 

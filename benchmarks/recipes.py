@@ -79,8 +79,10 @@ def main() -> None:
     parser.add_argument("recipes", nargs="*", help="recipe names (recipes/experiment/NAME.yaml); default: all")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_recipes", help="run directories go under it")
-    args, rest = parser.parse_known_args()
-    overrides = [r for r in rest if r != "--"]
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)  # argparse would read what follows "--" as recipe names
+    args = parser.parse_args(argv[:cut])
+    overrides = argv[cut + 1:]
     names = args.recipes or sorted(p.stem for p in RECIPES.glob("*.yaml"))
     unknown = [n for n in names if not (RECIPES / f"{n}.yaml").exists()]
     if unknown:

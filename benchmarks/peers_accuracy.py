@@ -15,7 +15,7 @@ all 210 decoder linear layers (embeddings and the tied head stay float):
               SPSA on the step sizes (smollm2_w4_zo_scales: two forward passes a step)
   w3          LSQ (smollm2_w3_lsq), LSQ+ (smollm2_w3_lsq with quant=w3_lsqplus), L4Q (smollm2_w3_l4q)
   w2          LSQ+ (smollm2_w2_lsq), LWC (smollm2_w2_lwc)
-  ternary     absmean (smollm2_ternary_absmean), SEQ (smollm2_ternary_seq), Tequila (smollm2_ternary_tequila)
+  ternary     absmean (smollm2_ternary_absmean), SEQ g64 (smollm2_ternary_seq), Tequila (smollm2_ternary_tequila)
   ==========  ===================================================================================
 
 * torchao's QAT (``QATConfig(weight_config=IntxFakeQuantizeConfig(...))``, weight-only, on the
@@ -26,11 +26,17 @@ all 210 decoder linear layers (embeddings and the tied head stay float):
   training batch, as torchao requires; asymmetric range learning needs
   ``zero_point_precision=torch.float32``: the int32 default cannot require a gradient; and its
   asymmetric fake quantizer drops the zero point it computes, see ``NOTES``).
-  torchao has no ternary grid: at ``ternary`` its nearest config, int2 symmetric in groups of 64
-  (four levels {-2, -1, 0, 1} * s, one more than ternary), stands in and is marked
-  ``nearest_grid``. torchao trains with the reference recipe's AdamW settings and schedule
-  (weights ``lr``; ``quant_lr`` for its learned scales, which ``QATModule.parameter_groups``
-  puts in the ``quant`` group by name, as ours).
+  At ``ternary`` torchao's QAT API has no ternary grid; its ternary QAT lives in two prototypes,
+  which are the rows the target compares with (``same_grid``): PARQ (``torchao.prototype.parq``:
+  ``QuantOptimizer`` over AdamW with ``TernaryUnifQuantizer`` in groups of 64, scales refreshed every
+  step, and ``ProxHardQuant``, i.e. the straight-through estimator, or ``ProxPARQ`` annealed to hard
+  quantization by the last step) and ParetoQ (``torchao.prototype.paretoq``: ``QuantizeLinear`` with
+  ``w_bits=0``, StretchedElasticQuant with a per-row learned alpha initialised at max|w| as its
+  ``train.py`` does). The int2 symmetric g64 fake quantizer (four levels {-2, -1, 0, 1} * s, one
+  more than ternary) is run and reported as well, outside the target. torchao trains with the
+  reference recipe's AdamW settings and schedule (weights ``lr``; ``quant_lr`` for its learned
+  scales, which ``QATModule.parameter_groups`` puts in the ``quant`` group by name, as ours; the
+  ParetoQ alphas are moved there too).
 
 Every row at a width sees the same batches in the same order (``qat.lit.data.stream_batch_indices``
 over the training blocks, seed ``--seed``), the same number of steps and tokens, the same seed
@@ -97,11 +103,17 @@ WIDTHS = {
     ]),
     "ternary": ("smollm2_ternary_absmean", [
         ("absmean", "absmean (BitNet b1.58)", ["recipe=smollm2_ternary_absmean"]),
-        ("seq", "SEQ (ParetoQ)", ["recipe=smollm2_ternary_seq"]),
+        ("seq", "SEQ (ParetoQ) g64", ["recipe=smollm2_ternary_seq"]),
         ("tequila", "Tequila", ["recipe=smollm2_ternary_tequila"]),
     ]),
 }
 TORCHAO = (("torchao_dynamic", False), ("torchao_range", True))
+# torchao's own ternary QAT (prototypes; three levels {-1, 0, 1} * s like ours): (key, label, kind)
+TORCHAO_TERNARY = (
+    ("torchao_parq_ste", "torchao PARQ hard-quant (STE)", "parq_ste"),
+    ("torchao_parq", "torchao PARQ (annealed prox)", "parq"),
+    ("torchao_paretoq", "torchao ParetoQ SEQ (learned range)", "paretoq"),
+)
 # at least as good at w4 (<=), strictly better at w2 and ternary; w3 is reported without a target
 TARGETS = {"w4": "at_least", "w2": "more", "ternary": "more"}
 NOTES = [
@@ -110,8 +122,11 @@ NOTES = [
     "LSQ+ at w4 and w3 has no recipe of its own: it runs smollm2_w4_lsq / smollm2_w3_lsq with quant=w4_lsqplus / w3_lsqplus.",
     "torchao rows use the width's reference recipe's AdamW settings and schedule: weights lr, quant_lr for its learned scales "
     "and zero points (named *.weight_fake_quantizer.*, the quant group of QATModule.parameter_groups).",
-    "torchao has no ternary grid: its nearest config, int2 symmetric in groups of 64 (codes {-2, -1, 0, 1}, scale max|w| / 1.5, "
-    "one level more than ternary), stands in at 'ternary' (nearest_grid).",
+    "At 'ternary' torchao's rows are its ternary prototypes (torchao.prototype.parq: TernaryUnifQuantizer in groups of 64, "
+    "scale max|w| / 1.5, with ProxHardQuant (STE) or ProxPARQ annealed to hard quantization at the last step; "
+    "torchao.prototype.paretoq: QuantizeLinear(w_bits=0), per-row learned alpha); its int2 symmetric g64 fake quantizer "
+    "(four levels {-2, -1, 0, 1} * s: one level more than ternary) is reported too but is not the same grid, so it is not "
+    "in the target (same_grid false).",
     "torchao's symmetric grids use scale max|w| / (2^(b-1) - 0.5) over the full signed range (int4: max/7.5), ours max|w| / "
     "(2^(b-1) - 1) (int4: max/7, 15 codes used): at the same group size torchao's round-to-nearest starts slightly lower.",
     "torchao 0.18's asymmetric IntxFakeQuantizer computes a float-domain (tinygemm) zero point in weight units and stores it "
@@ -221,16 +236,128 @@ def build_torchao(ref_cfg, range_learning: bool, first_batch, args):
     return model, module, {"weight_config": repr(weight_config), "grid": desc, "nearest_grid": nearest, "layers": n}
 
 
+def build_torchao_ternary(ref_cfg, kind: str, steps: int, args):
+    """torchao's ternary QAT prototypes on the 210 decoder linears, around our reference recipe's module.
+
+    ``parq_ste`` / ``parq``: PARQ's ``QuantOptimizer`` wraps the recipe's AdamW (same groups, rates and
+    schedule); the decoder linear weights form its quantized groups (``quant_bits=0``,
+    ``quant_block_size=64``, scale max|w| / 1.5 per group recomputed every step). After each AdamW
+    step on the latent weights it writes the prox of them into the model: ``ProxHardQuant`` (nearest
+    level: the straight-through estimator) or ``ProxPARQ`` (piecewise-affine, annealed from 0 to hard
+    quantization at the last step). ``paretoq``: each linear becomes ParetoQ's ``QuantizeLinear``
+    (``w_bits=0``), alpha = max|w| per row (its ``train.py``), alphas in the ``quant`` group.
+
+    Returns (model, module, info, start): ``start`` quantizes the weights for the step-0
+    evaluation (PARQ holds float weights until its first step) and restores them.
+    """
+    import contextlib
+
+    import torch
+    from hydra.utils import instantiate
+    from torch import nn
+
+    from qat.models import load_model
+
+    seed_all(args.seed)
+    model, _ = load_model(args.model)
+    linears = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and fqn.startswith("model.layers.")]
+    objective = instantiate(ref_cfg.module.objective)
+    start = contextlib.nullcontext
+    if kind == "paretoq":
+        from torchao.prototype.paretoq.models.utils_quant import QuantizeLinear
+
+        for fqn, m in linears:
+            assert m.bias is None, f"{fqn}: ParetoQ's QuantizeLinear has no bias"
+            q = QuantizeLinear(m.in_features, m.out_features, bias=False, w_bits=0, weight_layerwise=False)
+            q.weight = m.weight
+            with torch.no_grad():
+                q.weight_clip_val.copy_(m.weight.abs().amax(-1, keepdim=True))
+            parent, _, child = fqn.rpartition(".")
+            setattr(model.get_submodule(parent), child, q)
+        model.to(args.device)
+        module = instantiate(ref_cfg.module, model=model, teacher=None, objective=objective)
+        alphas = {id(p) for n, p in model.named_parameters() if n.endswith("weight_clip_val")}
+        lr, wd = module.group_settings["quant"]
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in alphas]} for g in module.parameter_groups()]
+        quant = {"params": [p for p in model.parameters() if id(p) in alphas], "name": "quant", "weight_decay": wd, **({"lr": lr} if lr is not None else {})}
+        groups = [g for g in groups if g["params"]] + [quant]
+        module.parameter_groups = lambda: groups
+        desc = "ternary ParetoQ SEQ per-row"
+    else:
+        from qat.lit.module import QATModule
+        from torchao.prototype.parq.optim import ProxHardQuant, ProxPARQ, QuantOptimizer
+        from torchao.prototype.parq.quant import TernaryUnifQuantizer
+
+        block = 64
+        model.to(args.device)
+        module = instantiate(ref_cfg.module, model=model, teacher=None, objective=objective)
+        weights = {id(m.weight) for _, m in linears}
+        groups = []
+        for g in module.parameter_groups():
+            q = [p for p in g["params"] if id(p) in weights]
+            rest = [p for p in g["params"] if id(p) not in weights]
+            if q:
+                groups.append({**g, "params": q, "name": g["name"] + "_ternary", "quant_bits": 0, "quant_block_size": block})
+            if rest:
+                groups.append({**g, "params": rest})
+        module.parameter_groups = lambda: groups
+        config = QATModule.configure_optimizers(module)
+        prox = ProxHardQuant() if kind == "parq_ste" else ProxPARQ(anneal_start=0, anneal_end=max(1, steps - 1))
+        quantizer = TernaryUnifQuantizer()
+        wrapped = QuantOptimizer(config["optimizer"] if isinstance(config, dict) else config, quantizer, prox,
+                                 quant_period=1, quant_per_channel=True)
+        if isinstance(config, dict):
+            config["optimizer"] = wrapped
+        else:
+            config = wrapped
+        module.configure_optimizers = lambda: config
+        qparams = [m.weight for _, m in linears]
+
+        @contextlib.contextmanager
+        def start():
+            saved = [p.detach().clone() for p in qparams]
+            with torch.no_grad():
+                for p in qparams:
+                    p.copy_(quantizer.quantize(p.view(-1, block), 0, dim=-1)[0].view_as(p))
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for p, s in zip(qparams, saved):
+                        p.copy_(s)
+
+        desc = f"ternary max/1.5 g{block}"
+    return model, module, {"kind": kind, "grid": desc, "nearest_grid": False, "layers": len(linears)}, start
+
+
+def on_grid(model, kind: str) -> bool:
+    """Whether a torchao ternary row's final weights hold at most three values per group (PARQ) -- its export."""
+    from torch import nn
+
+    if kind == "paretoq":
+        return True  # the forward quantizes; the latent weights are not meant to be on the grid
+    for fqn, m in model.named_modules():
+        if isinstance(m, nn.Linear) and fqn.startswith("model.layers."):
+            g = m.weight.detach().reshape(-1, 64)
+            s = g.sort(-1).values
+            if int(((s[:, 1:] != s[:, :-1]).sum(-1) + 1).max()) > 3:
+                return False
+    return True
+
+
 # ---------------------------------------------------------------- the shared loop
 
 
-def train(model, module, adapter, batches, heldout, eval_steps, device) -> dict:
+def train(model, module, adapter, batches, heldout, eval_steps, device, start=None) -> dict:
     """Train ``model`` on ``batches`` (one per step) with ``module``'s optimizer and schedule; eval at ``eval_steps``.
 
     Backprop modules: forward, backward, clip 1.0, step, schedule step (Lightning's order).
     Forward-only modules (``ZOModule``): two forward passes under ``inference_mode`` and the
-    seed-replayed update, as ``ZOModule.training_step``.
+    seed-replayed update, as ``ZOModule.training_step``. ``start``: a context manager around the
+    step-0 evaluation (a row whose weights are quantized by its optimizer step, not its forward).
     """
+    import contextlib
+
     import torch
 
     from qat.adapters import L4Q
@@ -255,7 +382,8 @@ def train(model, module, adapter, batches, heldout, eval_steps, device) -> dict:
 
     model.train()
     if 0 in eval_steps:
-        evaluate(0)
+        with (start or contextlib.nullcontext)():
+            evaluate(0)
     for step, ids in enumerate(batches, start=1):
         t = time.perf_counter()
         batch = {"input_ids": ids.to(device)}
@@ -336,7 +464,22 @@ def run_torchao(ref_cfg, ref_recipe, range_learning, batches, heldout, eval_step
     out = train(model, module, None, batches, heldout, eval_steps, args.device)
     start = out["curve"][0][1] if out["curve"] and out["curve"][0][0] == 0 else None
     return {"overrides": [f"recipe={ref_recipe}"], "grid": info["grid"], "ptq_grid": info["grid"] + " (torchao's rounding, step 0)",
-            "ptq_ppl": start, "torchao": info, "optim": optim_summary(ref_cfg),
+            "ptq_ppl": start, "torchao": info, "same_grid": not info["nearest_grid"], "optim": optim_summary(ref_cfg),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), **out}
+
+
+def run_torchao_ternary(ref_cfg, ref_recipe, kind, steps, batches, heldout, eval_steps, args, missing) -> dict:
+    """A torchao ternary prototype row (PARQ or ParetoQ) on our reference recipe's optimizer, trained by ``train``."""
+    if missing:
+        return {"grid": "-", "status": "skipped: " + missing, "curve": []}
+    model, module, info, start = build_torchao_ternary(ref_cfg, kind, steps, args)
+    out = train(model, module, None, batches, heldout, eval_steps, args.device, start=start)
+    info["final_weights_on_grid"] = on_grid(model, kind)
+    if not info["final_weights_on_grid"]:
+        out["status"], out["qat_ppl"] = "not quantized at the end", None
+    start_ppl = out["curve"][0][1] if out["curve"] and out["curve"][0][0] == 0 else None
+    return {"overrides": [f"recipe={ref_recipe}"], "grid": info["grid"], "ptq_grid": info["grid"] + " (torchao's rounding, step 0)",
+            "ptq_ppl": start_ppl, "torchao": info, "same_grid": True, "optim": optim_summary(ref_cfg),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), **out}
 
 
@@ -358,7 +501,7 @@ def summarise(width: dict, fp: float) -> None:
         r["gap_recovered"] = gap(ref, q, fp)
         r["gap_recovered_own_grid"] = gap(r.get("ptq_ppl"), q, fp)
     ours = {k: r for k, r in rows.items() if r["family"] == "ours" and r.get("qat_ppl")}
-    ao = {k: r for k, r in rows.items() if r["family"] == "torchao" and r.get("qat_ppl")}
+    ao = {k: r for k, r in rows.items() if r["family"] == "torchao" and r.get("qat_ppl") and r.get("same_grid", True)}
     best_ours = min(ours, key=lambda k: ours[k]["qat_ppl"]) if ours else None
     best_ao = min(ao, key=lambda k: ao[k]["qat_ppl"]) if ao else None
     width["best_ours"], width["best_torchao"] = best_ours, best_ao
@@ -463,7 +606,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--only", help="comma-separated widths among " + ",".join(WIDTHS))
-    parser.add_argument("--methods", help="comma-separated row keys (lsq, lsqplus, l4q, peqa, zo, lwc, absmean, seq, tequila, torchao_dynamic, torchao_range)")
+    parser.add_argument("--methods", help="comma-separated row keys (lsq, lsqplus, l4q, peqa, zo, lwc, absmean, seq, tequila, torchao_dynamic, torchao_range, torchao_parq_ste, torchao_parq, torchao_paretoq)")
     parser.add_argument("--out", type=Path, default=RESULTS / "peers_accuracy.json")
     args = parser.parse_args()
     name = "full" if args.full else "quick"
@@ -475,7 +618,7 @@ def main() -> None:
     unknown = [w for w in widths if w not in WIDTHS]
     if unknown:
         parser.error(f"--only: unknown widths {unknown}; choose among {list(WIDTHS)}")
-    keys = {k for _, rows in WIDTHS.values() for k, _, _ in rows} | {k for k, _ in TORCHAO}
+    keys = {k for _, rows in WIDTHS.values() for k, _, _ in rows} | {k for k, _ in TORCHAO} | {k for k, _, _ in TORCHAO_TERNARY}
     methods = set(args.methods.split(",")) if args.methods else None
     if methods and methods - keys:
         parser.error(f"--methods: unknown rows {sorted(methods - keys)}; choose among {sorted(keys)}")
@@ -491,6 +634,9 @@ def main() -> None:
     from qat.runtime import tune_malloc
     from qat.train import ptq_factory
 
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; run it on a GPU machine with a CUDA "
+                     "build of torch, or leave --device out (cpu)")
     tune_malloc()
     torch.set_num_threads(args.threads)
     try:
@@ -545,9 +691,13 @@ def main() -> None:
         result["widths"][wk] = width
         rows = [(key, label, lambda o=overrides: run_ours(o, steps, batches, heldout, eval_steps, ptq_of, args))
                 for key, label, overrides in ours]
-        rows += [(key, "torchao " + ("range learning" if rl else "dynamic (STE)"),
+        other = " (int2, not the same grid)" if wk == "ternary" else ""
+        rows += [(key, "torchao " + ("range learning" if rl else "dynamic (STE)") + other,
                   lambda rl=rl: run_torchao(ref_cfg, ref_recipe, rl, batches, heldout, eval_steps, args, ao_missing))
                  for key, rl in TORCHAO]
+        if wk == "ternary":
+            rows += [(key, label, lambda k=kind: run_torchao_ternary(ref_cfg, ref_recipe, k, steps, batches, heldout, eval_steps, args, ao_missing))
+                     for key, label, kind in TORCHAO_TERNARY]
         for key, label, run in rows:
             if methods and key not in methods:
                 continue
@@ -562,7 +712,7 @@ def main() -> None:
                 failed.append(f"{wk}/{key}")
             family = "torchao" if key.startswith("torchao") else "ours"
             width["rows"][key] = {"family": family, "label": label, **row, "seconds": time.perf_counter() - t0}
-            width["torchao_rows_ran"] |= family == "torchao" and row["status"] == "ok"
+            width["torchao_rows_ran"] |= family == "torchao" and row["status"] == "ok" and row.get("same_grid", True)
             print(f"{wk} {label}: {fmt(row.get('qat_ppl'))} ({row['status']}, {time.perf_counter() - t0:.0f} s)", flush=True)
         summarise(width, fp_ppl)
         result["targets"][wk] = target(wk, width)

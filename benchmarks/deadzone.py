@@ -19,6 +19,15 @@ export.
     .venv/bin/python benchmarks/deadzone.py [smollm2_ternary_tequila smollm2_ternary_absmean]
 
 Writes ``benchmarks/results/deadzone.json`` (one section per recipe) and prints a markdown table.
+
+``--lam`` sweeps Tequila's ``lambda`` against plain absmean at a short budget (``--steps``, the same
+data, schedule and seed in every run): ``qat-train recipe=smollm2_ternary_absmean`` and
+``recipe=smollm2_ternary_tequila quant.weight.lam=L`` for each L, each with
+``trainer.max_steps=STEPS``, run one after the other under ``--runs`` (a finished run there, one with
+a ``metrics.json``, is measured again rather than retrained), then the counts above and the
+held-out perplexity of each. Writes ``benchmarks/results/deadzone_lam.json``::
+
+    .venv/bin/python benchmarks/deadzone.py --lam 1e-3,1e-2,1e-1,3e-1,5e-1,1 --steps 40   # ~5 min a run, 2 cores
 """
 
 from __future__ import annotations
@@ -73,14 +82,108 @@ def table(r: dict) -> str:
     return "\n".join(rows)
 
 
+def grad_ratio(run_dir: Path, batch: int = 4, seq_len: int = 256) -> dict:
+    """How strong Tequila's direct dead-zone gradient is against the straight-through one, at the run's start.
+
+    On one training batch (blocks after the held-out ones) through the run's quantized start model,
+    over the dead-zone weights D: ``mean |lam * sum_t g[t, j]|`` (Tequila's term: ``g`` the gradient
+    at the layer's output) over ``mean |G_A[j, i]|`` (the gradient the weight gets through the
+    ternary matrix, all that plain STE gives it). The ratio is linear in ``lam``.
+    """
+    import torch
+
+    from qat.corpus import shipped_text, token_blocks
+    from qat.evaluate import _locate, build_model, load_config
+
+    run_dir, _ = _locate(run_dir)
+    cfg = load_config(run_dir)
+    model, tokenizer, _ = build_model(cfg, None)
+    layers = {n: m for n, m in model.named_modules() if getattr(m, "weight_quantizer", None) is not None}
+    lam = next(iter(layers.values())).weight_quantizer.lam
+    grads = {}
+    for name, m in layers.items():
+        m.register_full_backward_hook(lambda mod, gi, go, name=name: grads.__setitem__(name, go[0].detach()))
+    ids = token_blocks(tokenizer, shipped_text(), seq_len)[100:100 + batch]
+    model(input_ids=ids, labels=ids).loss.backward()
+    direct = ste = 0.0
+    with torch.no_grad():
+        for name, m in layers.items():
+            dead = m.weight_quantizer.codes(m.weight).dequantize() == 0
+            term = (lam * grads[name].reshape(-1, grads[name].shape[-1]).sum(0))[:, None].expand_as(m.weight)
+            direct += term[dead].abs().sum().item()
+            ste += (m.weight.grad - term)[dead].abs().sum().item()
+    return {"lam": lam, "tokens": batch * seq_len, "direct_over_ste": direct / ste}
+
+
+def lam_table(r: dict) -> str:
+    rows = ["| run | lambda | held-out perplexity | dead zone at end | trapped (start and end) | escaped | entered |",
+            "|---|---|---|---|---|---|---|"]
+    for name, v in r["runs"].items():
+        rows.append(f"| {name} | {v['lam'] if v['lam'] is not None else '-'} | {v['ppl_qat']:.4g} | {v['end_zero']:.5f} | "
+                    f"**{v['trapped']:.5f}** | {v['escaped']:.5f} | {v['entered']:.5f} |")
+    g = r["grad_ratio"]
+    rows.append(f"\nEvery run {r['steps']} steps x 4 x 256 tokens from the same round-to-nearest start (dead zone "
+                f"{r['start_zero']:.5f} of the {r['quantized_weights']:,} quantized weights); `{r['command']}`. "
+                f"Tequila's direct dead-zone gradient against the straight-through one on the same weights, at the start "
+                f"(one {g['tokens']}-token batch, lambda {g['at_lam']:g}): {g['direct_over_ste']:.4f} (linear in lambda).")
+    return "\n".join(rows)
+
+
+def sweep(lams: list[str], steps: int, threads: int, runs: Path) -> dict:
+    """Plain absmean and Tequila at each ``lambda``, ``steps`` steps each; the dead-zone counts and perplexity."""
+    from recipes import run
+
+    variants = [("absmean", "smollm2_ternary_absmean", None)] + [(f"tequila lam={lam}", "smollm2_ternary_tequila", lam) for lam in lams]
+    out = {"steps": steps, "runs": {}}
+    for label, recipe, lam in variants:
+        overrides = [f"trainer.max_steps={steps}"] + ([f"quant.weight.lam={lam}"] if lam is not None else [])
+        root = runs / label.replace(" ", "_").replace("=", "")
+        run_dir = root / recipe
+        if (run_dir / "metrics.json").exists():
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            command = " ".join([".venv/bin/qat-train", f"recipe={recipe}", f"threads={threads}", f"hydra.run.dir={run_dir}", *overrides]) + "  (reused)"
+        else:
+            entry = run(recipe, threads, overrides, root)
+            if "metrics" not in entry:
+                raise SystemExit(f"{label}: qat-train failed (exit {entry['returncode']}):\n{entry.get('error', '')}")
+            run_dir, metrics, command = Path(entry["run_dir"]), entry["metrics"], entry["command"]
+        counts = measure(run_dir)
+        out["runs"][label] = {"recipe": recipe, "lam": float(lam) if lam is not None else None, "overrides": overrides,
+                              "ppl_qat": metrics["ppl_qat"], "ppl_ptq": metrics["ppl_ptq"], "ppl_fp": metrics["ppl_fp"],
+                              "run_dir": str(run_dir), "train_command": command,
+                              **{k: counts[k] for k in ("start_zero", "end_zero", "trapped", "escaped", "entered", "trapped_of_start")}}
+        out["start_zero"], out["quantized_weights"] = counts["start_zero"], counts["quantized_weights"]
+        print(f"{label}: ppl {metrics['ppl_qat']:.4g}, trapped {counts['trapped']:.5f}", flush=True)
+        if lam is not None and "grad_ratio" not in out:
+            out["grad_ratio"] = grad_ratio(run_dir)
+            out["grad_ratio"]["at_lam"] = out["grad_ratio"].pop("lam")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", default=DEFAULT, help="recipes with a finished run in recipes.json")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lam", help="comma-separated Tequila lambdas: sweep them against absmean (see the module docstring)")
+    parser.add_argument("--steps", type=int, default=40, help="--lam: optimizer steps of every run")
+    parser.add_argument("--runs", type=Path, default=Path(__file__).resolve().parent.parent / "outputs" / "bench_deadzone",
+                        help="--lam: where the runs go (finished ones are reused)")
     args = parser.parse_args()
+    lams = args.lam.split(",") if args.lam else []
+    for lam in lams:
+        try:
+            float(lam)
+        except ValueError:
+            parser.error(f"--lam: {lam!r} is not a number; give e.g. --lam 1e-3,1e-1")
     import torch
 
     torch.set_num_threads(args.threads)
+    if lams:
+        result = sweep(lams, args.steps, args.threads, args.runs)
+        result["command"] = f".venv/bin/python benchmarks/deadzone.py --lam {args.lam} --steps {args.steps}"
+        write_json("deadzone_lam", result)
+        print(lam_table(result))
+        return
     runs = json.loads((RESULTS / "recipes.json").read_text()) if (RESULTS / "recipes.json").exists() else {}
     missing = [n for n in args.recipes if "metrics" not in runs.get(n, {})]
     if missing:

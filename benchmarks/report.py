@@ -128,6 +128,15 @@ def deadzone(r: dict) -> str:
     return table(r)
 
 
+def deadzone_lam(r: dict) -> str:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from deadzone import lam_table
+
+    return lam_table(r)
+
+
 def _weights(quant: dict) -> str:
     """A short name of a run's quantization config (``metrics.json``'s ``quant``)."""
     w = quant.get("weight") or {}
@@ -209,6 +218,7 @@ def recipes(r: dict) -> str:
 TABLES = {
     "recipes": recipes,
     "deadzone": deadzone,
+    "deadzone_lam": deadzone_lam,
     "ptq_baselines": ptq_baselines,
     "overhead": overhead,
     "peers_overhead": peers_overhead,

@@ -86,8 +86,9 @@ def materialize_(model) -> None:
                 module._parameters[name] = copies[id(p)]
 
 
-def measure(mode: str, steps: int, threads: int, batch: int, seq_len: int, checkpointing: bool = False, chunk: int | None = None) -> dict:
-    """Run ``steps`` training steps of ``mode`` in this process; return its memory figures."""
+def measure(mode: str, steps: int, threads: int, batch: int, seq_len: int, checkpointing: bool = False, chunk: int | None = None,
+            model_name: str = "smollm2-135m") -> dict:
+    """Run ``steps`` training steps of ``mode`` on ``model_name`` in this process; return its memory figures."""
     import torch
 
     from qat.corpus import shipped_text, token_blocks
@@ -96,7 +97,7 @@ def measure(mode: str, steps: int, threads: int, batch: int, seq_len: int, check
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer = load_model(model_name)
     materialize_(model)
     build(mode, model)
     model.train()
@@ -131,13 +132,14 @@ def main() -> None:
     add_batch_args(parser, steps=3)
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block, in every mode")
     parser.add_argument("--chunked-loss", type=int, default=None, metavar="TOKENS", help="chunked cross-entropy, TOKENS per chunk, in every mode")
+    parser.add_argument("--model", default="smollm2-135m", help="an embedded name, a local Hugging Face directory or a hub name")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    common = batch_argv(args)
+    common = batch_argv(args) + ["--model", args.model]
     common += ["--checkpointing"] if args.checkpointing else []
     common += ["--chunked-loss", str(args.chunked_loss)] if args.chunked_loss else []
     if args.mode:
-        print(json.dumps(measure(args.mode, args.steps, args.threads, args.batch, args.seq_len, args.checkpointing, args.chunked_loss)))
+        print(json.dumps(measure(args.mode, args.steps, args.threads, args.batch, args.seq_len, args.checkpointing, args.chunked_loss, args.model)))
         return
     variant = ("checkpointed" if args.checkpointing else "activations_kept") + ("_chunked_loss" if args.chunked_loss else "")
 

@@ -76,5 +76,5 @@ def settings(args: argparse.Namespace) -> dict:
     """The batch options of a run and the torch version, for the result's header."""
     import torch
 
-    keys = ("batch", "seq_len", "steps", "threads")
+    keys = ("model", "batch", "seq_len", "steps", "threads")
     return {**{k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}, "torch": torch.__version__}

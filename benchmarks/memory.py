@@ -47,16 +47,14 @@ TARGETS = {  # mode -> (reference mode, at most this ratio)
     "zo_scales": ("inference", zo_memory.TARGET),
     "zo_weights": ("inference", zo_memory.TARGET),
 }
-MODEL = "smollm2-135m"  # adapter_memory.measure loads it by name
-
 
 def measure(mode: str, args) -> dict:
     """One mode in this process, through the function of the benchmark that defines it."""
     if mode in BACKPROP:
-        r = adapter_memory.measure(mode, args.steps, args.threads, args.batch, args.seq_len, args.checkpointing, args.chunked_loss)
+        r = adapter_memory.measure(mode, args.steps, args.threads, args.batch, args.seq_len, args.checkpointing, args.chunked_loss, args.model)
         trained = r["trainable_params"]
     else:
-        ns = argparse.Namespace(model=MODEL, threads=args.threads, batch=args.batch, seq_len=args.seq_len, steps=args.steps)
+        ns = argparse.Namespace(model=args.model, threads=args.threads, batch=args.batch, seq_len=args.seq_len, steps=args.steps)
         r = zo_memory.measure(mode, ns, chunk=args.chunked_loss, materialize=True)
         trained = r["moving_params"]
     return {**r, "trained_params": trained}
@@ -68,12 +66,13 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block, in the backprop modes")
     parser.add_argument("--chunked-loss", type=int, default=None, metavar="TOKENS", help="chunked cross-entropy, TOKENS per chunk, in every mode")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="a subset (the ratios need inference and full_qat)")
+    parser.add_argument("--model", default="smollm2-135m", help="an embedded name, a local Hugging Face directory or a hub name")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
         print(json.dumps(measure(args.mode, args)))
         return
-    common = batch_argv(args)
+    common = batch_argv(args) + ["--model", args.model]
     common += ["--checkpointing"] if args.checkpointing else []
     common += ["--chunked-loss", str(args.chunked_loss)] if args.chunked_loss else []
     variant = ("checkpointed" if args.checkpointing else "activations_kept") + ("_chunked_loss" if args.chunked_loss else "")
@@ -87,7 +86,7 @@ def main() -> None:
             r[f"ratio_to_{ref}"] = r["peak_rss_mb"] / runs[ref]["peak_rss_mb"] if ref in runs else None
     met = {m: runs[m][f"ratio_to_{ref}"] <= t for m, (ref, t) in TARGETS.items() if m in runs and runs[m][f"ratio_to_{ref}"] is not None}
     result = {
-        "what": "SmolLM2-135M, w4 g32 on 210 decoder linears, float32 CPU: process peak RSS of a step of the same batch, per mode",
+        "what": f"{args.model}, w4 g32 on the decoder linears (model.layers.*), float32 CPU: process peak RSS of a step of the same batch, per mode",
         "checkpointing": args.checkpointing,
         "checkpointing_applies_to": list(BACKPROP) if args.checkpointing else [],
         "chunked_loss_tokens": args.chunked_loss,

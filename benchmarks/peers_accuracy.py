@@ -108,6 +108,7 @@ WIDTHS = {
     ]),
 }
 TORCHAO = (("torchao_dynamic", False), ("torchao_range", True))
+PARQ_BLOCK = 64  # PARQ's quantization groups: the reference recipe's group size
 # torchao's own ternary QAT (prototypes; three levels {-1, 0, 1} * s like ours): (key, label, kind)
 TORCHAO_TERNARY = (
     ("torchao_parq_ste", "torchao PARQ hard-quant (STE)", "parq_ste"),
@@ -288,7 +289,7 @@ def build_torchao_ternary(ref_cfg, kind: str, steps: int, args):
         from torchao.prototype.parq.optim import ProxHardQuant, ProxPARQ, QuantOptimizer
         from torchao.prototype.parq.quant import TernaryUnifQuantizer
 
-        block = 64
+        block = PARQ_BLOCK
         model.to(args.device)
         module = instantiate(ref_cfg.module, model=model, teacher=None, objective=objective)
         weights = {id(m.weight) for _, m in linears}
@@ -330,15 +331,13 @@ def build_torchao_ternary(ref_cfg, kind: str, steps: int, args):
     return model, module, {"kind": kind, "grid": desc, "nearest_grid": False, "layers": len(linears)}, start
 
 
-def on_grid(model, kind: str) -> bool:
-    """Whether a torchao ternary row's final weights hold at most three values per group (PARQ) -- its export."""
+def on_grid(model) -> bool:
+    """Whether PARQ's final weights hold at most three values per group (its model is its export)."""
     from torch import nn
 
-    if kind == "paretoq":
-        return True  # the forward quantizes; the latent weights are not meant to be on the grid
     for fqn, m in model.named_modules():
         if isinstance(m, nn.Linear) and fqn.startswith("model.layers."):
-            g = m.weight.detach().reshape(-1, 64)
+            g = m.weight.detach().reshape(-1, PARQ_BLOCK)
             s = g.sort(-1).values
             if int(((s[:, 1:] != s[:, :-1]).sum(-1) + 1).max()) > 3:
                 return False
@@ -474,7 +473,8 @@ def run_torchao_ternary(ref_cfg, ref_recipe, kind, steps, batches, heldout, eval
         return {"grid": "-", "status": "skipped: " + missing, "curve": []}
     model, module, info, start = build_torchao_ternary(ref_cfg, kind, steps, args)
     out = train(model, module, None, batches, heldout, eval_steps, args.device, start=start)
-    info["final_weights_on_grid"] = on_grid(model, kind)
+    # ParetoQ quantizes in its forward (latent weights stay float); PARQ writes the grid into the weights
+    info["final_weights_on_grid"] = True if kind == "paretoq" else on_grid(model)
     if not info["final_weights_on_grid"]:
         out["status"], out["qat_ppl"] = "not quantized at the end", None
     start_ppl = out["curve"][0][1] if out["curve"] and out["curve"][0][0] == 0 else None

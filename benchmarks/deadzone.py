@@ -28,6 +28,13 @@ a ``metrics.json``, is measured again rather than retrained), then the counts ab
 held-out perplexity of each. Writes ``benchmarks/results/deadzone_lam.json``::
 
     .venv/bin/python benchmarks/deadzone.py --lam 1e-3,1e-2,1e-1,3e-1,5e-1,1 --steps 40   # ~5 min a run, 2 cores
+
+``--seeds S1,S2,..`` repeats the sweep with ``seed=S`` (the order of the training batches; the
+held-out split and the start do not change) to tell an effect from run-to-run noise: per seed the
+difference of each Tequila run from the absmean run of the same seed, and over the seeds its mean and
+standard deviation. Writes ``benchmarks/results/deadzone_seeds.json``::
+
+    .venv/bin/python benchmarks/deadzone.py --lam 1e-3 --steps 40 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -129,15 +136,19 @@ def lam_table(r: dict) -> str:
     return "\n".join(rows)
 
 
-def sweep(lams: list[str], steps: int, threads: int, runs: Path) -> dict:
-    """Plain absmean and Tequila at each ``lambda``, ``steps`` steps each; the dead-zone counts and perplexity."""
+def sweep(lams: list[str], steps: int, threads: int, runs: Path, seed: int = 0) -> dict:
+    """Plain absmean and Tequila at each ``lambda``, ``steps`` steps each; the dead-zone counts and perplexity.
+
+    ``seed`` != 0 adds ``seed=SEED`` to every run (its directory gets a ``_seedSEED`` suffix).
+    """
     from recipes import run
 
     variants = [("absmean", "smollm2_ternary_absmean", None)] + [(f"tequila lam={lam}", "smollm2_ternary_tequila", lam) for lam in lams]
-    out = {"steps": steps, "runs": {}}
+    out = {"steps": steps, "seed": seed, "runs": {}}
     for label, recipe, lam in variants:
         overrides = [f"trainer.max_steps={steps}"] + ([f"quant.weight.lam={lam}"] if lam is not None else [])
-        root = runs / label.replace(" ", "_").replace("=", "")
+        overrides += [f"seed={seed}"] if seed else []
+        root = runs / (label.replace(" ", "_").replace("=", "") + (f"_seed{seed}" if seed else ""))
         run_dir = root / recipe
         if (run_dir / "metrics.json").exists():
             metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -160,6 +171,40 @@ def sweep(lams: list[str], steps: int, threads: int, runs: Path) -> dict:
     return out
 
 
+def across_seeds(sweeps: list[dict]) -> dict:
+    """Per seed, each Tequila run minus the absmean run of that seed; over the seeds, mean and sample sd."""
+    import statistics
+
+    def stats(xs: list[float]) -> dict:
+        return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
+
+    keys = ("ppl_qat", "trapped", "escaped", "end_zero")
+    labels = list(sweeps[0]["runs"])
+    out = {"steps": sweeps[0]["steps"], "seeds": [s["seed"] for s in sweeps], "start_zero": sweeps[0]["start_zero"],
+           "quantized_weights": sweeps[0]["quantized_weights"], "per_seed": sweeps, "summary": {}}
+    for label in labels:
+        row = {k: stats([s["runs"][label][k] for s in sweeps]) for k in keys}
+        if label != "absmean":
+            row["minus_absmean"] = {k: stats([s["runs"][label][k] - s["runs"]["absmean"][k] for s in sweeps]) for k in keys}
+        out["summary"][label] = row
+    return out
+
+
+def seeds_table(r: dict) -> str:
+    rows = ["| run | held-out perplexity | trapped (start and end) | escaped | minus absmean, same seed: perplexity | trapped |",
+            "|---|---|---|---|---|---|"]
+    for label, v in r["summary"].items():
+        d = v.get("minus_absmean")
+        diff = (f"{d['ppl_qat']['mean']:+.4g} ± {d['ppl_qat']['sd']:.3g} | {d['trapped']['mean']:+.5f} ± {d['trapped']['sd']:.5f}"
+                if d else "- | -")
+        rows.append(f"| {label} | {v['ppl_qat']['mean']:.4g} ± {v['ppl_qat']['sd']:.3g} | {v['trapped']['mean']:.5f} ± "
+                    f"{v['trapped']['sd']:.5f} | {v['escaped']['mean']:.5f} ± {v['escaped']['sd']:.5f} | {diff} |")
+    rows.append(f"\nMean ± sample standard deviation over seeds {r['seeds']} (the order of the training batches), "
+                f"{r['steps']} steps x 4 x 256 tokens each from the same round-to-nearest start; trapped and escaped are "
+                f"fractions of the {r['quantized_weights']:,} quantized weights; `{r['command']}`.")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", default=DEFAULT, help="recipes with a finished run in recipes.json")
@@ -168,8 +213,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="--lam: optimizer steps of every run")
     parser.add_argument("--runs", type=Path, default=Path(__file__).resolve().parent.parent / "outputs" / "bench_deadzone",
                         help="--lam: where the runs go (finished ones are reused)")
+    parser.add_argument("--seeds", help="--lam: comma-separated seeds (batch order) to repeat the sweep with, e.g. 0,1,2")
     args = parser.parse_args()
     lams = args.lam.split(",") if args.lam else []
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else []
+    except ValueError:
+        parser.error(f"--seeds: {args.seeds!r} is not a list of integers; give e.g. --seeds 0,1,2")
     for lam in lams:
         try:
             float(lam)
@@ -178,6 +228,15 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if seeds and not lams:
+        parser.error("--seeds repeats a --lam sweep: give --lam too, e.g. --lam 1e-3 --seeds 0,1,2")
+    if seeds:
+        sweeps = [sweep(lams, args.steps, args.threads, args.runs, s) for s in seeds]
+        result = across_seeds(sweeps)
+        result["command"] = f".venv/bin/python benchmarks/deadzone.py --lam {args.lam} --steps {args.steps} --seeds {args.seeds}"
+        write_json("deadzone_seeds", result)
+        print(seeds_table(result))
+        return
     if lams:
         result = sweep(lams, args.steps, args.threads, args.runs)
         result["command"] = f".venv/bin/python benchmarks/deadzone.py --lam {args.lam} --steps {args.steps}"

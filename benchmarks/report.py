@@ -137,6 +137,15 @@ def deadzone_lam(r: dict) -> str:
     return lam_table(r)
 
 
+def deadzone_seeds(r: dict) -> str:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from deadzone import seeds_table
+
+    return seeds_table(r)
+
+
 def _weights(quant: dict) -> str:
     """A short name of a run's quantization config (``metrics.json``'s ``quant``)."""
     w = quant.get("weight") or {}
@@ -219,6 +228,7 @@ TABLES = {
     "recipes": recipes,
     "deadzone": deadzone,
     "deadzone_lam": deadzone_lam,
+    "deadzone_seeds": deadzone_seeds,
     "ptq_baselines": ptq_baselines,
     "overhead": overhead,
     "peers_overhead": peers_overhead,

@@ -220,6 +220,8 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else []
     except ValueError:
         parser.error(f"--seeds: {args.seeds!r} is not a list of integers; give e.g. --seeds 0,1,2")
+    if seeds and not lams:
+        parser.error("--seeds repeats a --lam sweep: give --lam too, e.g. --lam 1e-3 --seeds 0,1,2")
     for lam in lams:
         try:
             float(lam)
@@ -228,8 +230,6 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    if seeds and not lams:
-        parser.error("--seeds repeats a --lam sweep: give --lam too, e.g. --lam 1e-3 --seeds 0,1,2")
     if seeds:
         sweeps = [sweep(lams, args.steps, args.threads, args.runs, s) for s in seeds]
         result = across_seeds(sweeps)

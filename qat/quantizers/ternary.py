@@ -178,8 +178,9 @@ class Ternary(Quantizer):
         return self._make_codes(q, x, scale, -1, 1, bias=bias)
 
     def rtn(self) -> "Ternary":
-        """The absmean ternary grid with the same grouping, untrained and without a dead-zone bias."""
-        return Ternary("absmean", granularity=self.granularity, group_size=self.group_size)
+        """Round-to-nearest on the same grid and grouping: untrained (SEQ's alpha at its init
+        ``max|W|``), without a dead-zone bias (Tequila's grid is absmean's)."""
+        return Ternary(self.method, granularity=self.granularity, group_size=self.group_size)
 
     def bias(self, w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor | None:
         """Tequila's dead-zone bias ``lam * sum_{q = 0} W`` per output row (None without a dead zone)."""

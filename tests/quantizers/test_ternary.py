@@ -81,6 +81,30 @@ def test_seq_example():
     assert c.scale.item() == step.item()
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_rtn_is_the_same_grid_untrained_without_bias(method):
+    """qat-train's PTQ row: round-to-nearest on the run's own grid (SEQ: alpha at its init max|w|)."""
+    q = Ternary(method, granularity="group", group_size=4, deadzone="tequila")
+    w = torch.tensor([[-0.8, -0.2, 0.3, 0.5, 0.1, -0.05, 0.4, 0.2]])
+    q.init_(w)
+    if method == "seq":
+        with torch.no_grad():
+            q.alpha.mul_(2.0)  # training moved alpha: the RTN baseline must not inherit it
+    r = q.rtn().init_(w)
+    assert (r.method, r.granularity, r.group_size, r.deadzone) == (method, "group", 4, None)
+    expected = {  # by hand, group [-0.8, -0.2, 0.3, 0.5] then [0.1, -0.05, 0.4, 0.2]
+        # gamma = 0.45 / 0.1875, threshold gamma / 2
+        "absmean": [[-1, 0, 1, 1, 1, 0, 1, 1]],
+        # Delta = 0.7 * mean|w| = 0.315 / 0.13125
+        "twn": [[-1, 0, 0, 1, 0, 0, 1, 1]],
+        # alpha = max|w| = 0.8 / 0.4, threshold alpha / 3 = 0.2667 / 0.1333
+        "seq": [[-1, 0, 1, 1, 0, 0, 1, 1]],
+    }[method]
+    assert r.codes(w).codes.tolist() == expected
+    if method == "seq":
+        assert r.alpha.flatten().tolist() == pytest.approx([0.8, 0.4])
+
+
 def test_seq_backward_matches_paretoq():
     w = _w(1, (4, 16))
     grad = _w(2, (4, 16))

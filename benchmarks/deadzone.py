@@ -136,10 +136,11 @@ def lam_table(r: dict) -> str:
     return "\n".join(rows)
 
 
-def sweep(lams: list[str], steps: int, threads: int, runs: Path, seed: int = 0) -> dict:
+def sweep(lams: list[str], steps: int, threads: int, runs: Path, seed: int = 0, ratio: bool = True) -> dict:
     """Plain absmean and Tequila at each ``lambda``, ``steps`` steps each; the dead-zone counts and perplexity.
 
     ``seed`` != 0 adds ``seed=SEED`` to every run (its directory gets a ``_seedSEED`` suffix).
+    ``ratio``: also measure ``grad_ratio`` (a property of the start, the same for every seed).
     """
     from recipes import run
 
@@ -165,7 +166,7 @@ def sweep(lams: list[str], steps: int, threads: int, runs: Path, seed: int = 0) 
                               **{k: counts[k] for k in ("start_zero", "end_zero", "trapped", "escaped", "entered", "trapped_of_start")}}
         out["start_zero"], out["quantized_weights"] = counts["start_zero"], counts["quantized_weights"]
         print(f"{label}: ppl {metrics['ppl_qat']:.4g}, trapped {counts['trapped']:.5f}", flush=True)
-        if lam is not None and "grad_ratio" not in out:
+        if ratio and lam is not None and "grad_ratio" not in out:
             out["grad_ratio"] = grad_ratio(run_dir)
             out["grad_ratio"]["at_lam"] = out["grad_ratio"].pop("lam")
     return out
@@ -231,7 +232,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     if seeds:
-        sweeps = [sweep(lams, args.steps, args.threads, args.runs, s) for s in seeds]
+        sweeps = [sweep(lams, args.steps, args.threads, args.runs, s, ratio=False) for s in seeds]
         result = across_seeds(sweeps)
         result["command"] = f".venv/bin/python benchmarks/deadzone.py --lam {args.lam} --steps {args.steps} --seeds {args.seeds}"
         write_json("deadzone_seeds", result)

@@ -1,14 +1,30 @@
-"""The shipped corpus: real English text that every CPython install carries.
+"""The texts that ship with the machine: a training corpus and an out-of-domain one.
 
-``pydoc_data.topics`` holds the Python Language Reference's topics (about 465k characters, 110k
-SmolLM2 tokens) as written by people, not generated. It is the offline default for training and
-held-out evaluation; any other text, JSON or Parquet file or hub dataset goes through the data
-module instead. Topics are joined in sorted key order so blocks are the same on every machine.
+``shipped``: ``pydoc_data.topics`` holds the Python Language Reference's topics (about 465k
+characters, 110k SmolLM2 tokens) as written by people, not generated. It is the offline default for
+training and held-out evaluation. Topics are joined in sorted key order so blocks are the same on
+every machine.
+
+``licenses``: the free-software licences that every Debian and Ubuntu system carries in
+``/usr/share/common-licenses`` (package ``base-files``): GPL-3, Apache-2.0, MPL-2.0, GFDL-1.3,
+LGPL-2.1, CC0-1.0, Artistic and BSD, in that order (about 126k characters, 28k SmolLM2 tokens).
+English prose written by people, in a register (legal) and on subjects (rights, copying,
+liability) that the Python documentation does not have: a run trained on ``shipped`` never saw
+any of it, so its perplexity there measures what the quantized model kept of the language, not
+what it learned of the training corpus. Near-duplicates (GPL-1/2, LGPL-2/3, GFDL-1.2, MPL-1.1)
+are left out so no passage counts twice.
+
+Any other text, JSON or Parquet file or hub dataset goes through the data module instead.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+COMMON_LICENSES = Path("/usr/share/common-licenses")
+LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "LGPL-2.1", "CC0-1.0", "Artistic", "BSD")
 
 
 def shipped_text() -> str:
@@ -16,6 +32,30 @@ def shipped_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+def licenses_text(root: str | Path = COMMON_LICENSES) -> str:
+    """The licences of ``LICENSES`` from Debian's ``/usr/share/common-licenses``, joined in that order.
+
+    Raises:
+        FileNotFoundError: ``root`` or one of the licences is missing (not a Debian-based system):
+            the message names the fix (another local text file as the out-of-domain source).
+
+    Example:
+        >>> licenses_text().startswith("                    GNU GENERAL PUBLIC LICENSE")  # doctest: +SKIP
+        True
+    """
+    root = Path(root)
+    missing = [name for name in LICENSES if not (root / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the out-of-domain text 'licenses' reads {', '.join(missing)} from {root} (Debian's package base-files), "
+            "absent on this system: pass a local .txt file as the source instead (qat-train eval.ood=PATH)"
+        )
+    return "\n\n".join((root / name).read_text(encoding="utf-8").strip("\n") for name in LICENSES)
+
+
+TEXTS = {"shipped": shipped_text, "licenses": licenses_text}  # the named sources of qat.lit.data
 
 
 def token_blocks(tokenizer, text: str, seq_len: int) -> torch.Tensor:

@@ -50,19 +50,28 @@ def fp_metric(model: torch.nn.Module, batches: list[dict], objective, compute: C
     """``(value, from_cache)``: the stored value for this key, or ``compute()`` stored for next time."""
     if not use_cache:
         return compute(), False
-    key = fingerprint(model, batches, objective)
+    value, hit = cached(fingerprint(model, batches, objective), lambda: {"value": compute(), "metric": getattr(objective, "metric", None)})
+    return float(value["value"]), hit
+
+
+def cached(key: str, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """``(record, from_cache)``: the JSON record stored under ``key``, or ``compute()``'s stored for next time.
+
+    The FP fine-tune's metrics go through here too (``qat-train eval.fp_finetune=true``), keyed by
+    the FP fingerprint and the settings of the training it repeats.
+    """
     path = cache_dir() / f"{key}.json"
     try:
-        return float(json.loads(path.read_text())["value"]), True
-    except (OSError, ValueError, KeyError):
+        return json.loads(path.read_text()), True
+    except (OSError, ValueError):
         pass
-    value = compute()
+    record = compute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump({"value": value, "metric": getattr(objective, "metric", None)}, f)
+            json.dump(record, f)
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache only costs the next run the measurement
-    return value, False
+    return record, False

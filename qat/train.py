@@ -49,6 +49,7 @@ def prepare(cfg: DictConfig) -> dict:
         raise RunError(f"output directory {run_dir} is not writable ({e.strerror}); set hydra.run.dir to a writable path") from None
     if launch_rank() == 0:  # the ranks of a distributed run share the run directory
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)  # what qat-eval rebuilds the model from
+    check_eval(cfg)
     quant = {}
     for key in ("weight", "activation", "embedding"):
         node = cfg.quant.get(key)
@@ -104,6 +105,40 @@ def check_forward_only(cfg: DictConfig) -> None:
         raise RunError(f"module: {e}") from None
 
 
+def check_eval(cfg: DictConfig) -> None:
+    """The evaluation settings (``eval.*``), checked before any model loads."""
+    from hydra.utils import get_class
+
+    if cfg.eval.get("ood"):
+        from qat.lit.data import resolve_source
+
+        try:
+            resolve_source(cfg.eval.ood)  # a missing file fails here
+            if cfg.eval.ood == "licenses":
+                from qat.corpus import licenses_text
+
+                licenses_text()
+        except (ValueError, FileNotFoundError) as e:
+            raise RunError(f"eval.ood: {e} (eval.ood=null skips the out-of-domain text)") from None
+    if cfg.eval.get("tasks"):
+        from qat.tasks import check_tasks
+
+        try:
+            check_tasks(list(cfg.eval.tasks), cfg.eval.get("tasks_include"))
+        except (ImportError, ValueError, FileNotFoundError) as e:
+            raise RunError(f"eval.tasks: {e}") from None
+    if cfg.eval.get("fp_finetune"):
+        if getattr(get_class(cfg.module._target_), "forward_only", False):
+            raise RunError("eval.fp_finetune trains the FP model with backprop; a forward-only run (module=zo) has no "
+                           "such reference: set eval.fp_finetune=false")
+        if cfg.module.objective._target_ != "qat.lit.objectives.CausalLM":
+            raise RunError(f"eval.fp_finetune is the causal-LM reference; {cfg.module.objective._target_} distills from "
+                           "the FP model itself: set eval.fp_finetune=false")
+        if cfg.trainer.devices not in (1, "1") or cfg.trainer.num_nodes != 1:
+            raise RunError("eval.fp_finetune runs in one process; for a distributed run measure it in a one-process run "
+                           "with the same recipe (trainer=cpu or trainer=gpu)")
+
+
 def ptq_factory(factory):
     """Round-to-nearest on the same grid as ``factory``'s quantizers (``Quantizer.rtn``)."""
     return lambda: factory().rtn()
@@ -120,6 +155,7 @@ def run(cfg: DictConfig) -> float:
     from qat.lit.checkpoint import AtomicCheckpointIO
     from qat.models import load_model
     from qat.runtime import tune_malloc
+    from qat.suite import add_tasks, gaps, summary
 
     t0 = time.perf_counter()
     quant = prepare(cfg)
@@ -133,21 +169,35 @@ def run(cfg: DictConfig) -> float:
     log.info("model %s loaded (%.1f s)", cfg.model.name, time.perf_counter() - t0)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     datamodule.setup("fit")
-    heldout = list(datamodule.val_dataloader())
     objective = instantiate(cfg.module.objective)
     metric = objective.metric
+    suite = build_suite(cfg, tokenizer, objective, list(datamodule.val_dataloader()))
     fp = copy.deepcopy(model).eval().requires_grad_(False)
     metrics: dict = {}
-    if cfg.eval.before and launch_rank() == 0:  # the other ranks would only repeat it
-        metrics[f"{metric}_fp"], cached = fp_metric(fp, heldout, objective, lambda: objective.evaluate(fp, heldout, fp), cfg.eval.get("cache_fp", True))
-        if cached:
-            log.info("held-out %s of the FP model from the cache (%s): same weights, split and objective", metric, cache_dir())
+    rank0 = launch_rank() == 0  # the other ranks would only repeat the references
+    if cfg.eval.before and rank0:
+        def cached(batches, compute):
+            value, hit = fp_metric(fp, batches, objective, compute, cfg.eval.get("cache_fp", True))
+            if hit:
+                log.info("held-out %s of the FP model from the cache (%s): same weights, split and objective", metric, cache_dir())
+            return value
+
+        metrics.update(suite.texts(fp, "fp", teacher=fp, measure=cached))
+        add_tasks(metrics, "fp", suite.task_scores(fp, tokenizer))
         ptq = copy.deepcopy(fp)
         rtn = {k: ptq_factory(f) for k, f in quant.items()}
         qat.quantize_(ptq, **rtn, include=list(cfg.quant.include), exclude=cfg.quant.exclude)
-        metrics[f"{metric}_ptq"] = objective.evaluate(ptq, heldout, fp)
+        metrics.update(suite.texts(ptq, "ptq", teacher=fp))
+        add_tasks(metrics, "ptq", suite.task_scores(ptq, tokenizer))
         del ptq
-        log.info("held-out %s: FP %.4g, PTQ %.4g (%.1f s)", metric, metrics[f"{metric}_fp"], metrics[f"{metric}_ptq"], time.perf_counter() - t0)
+        log.info("references: %s (%.1f s)", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}, time.perf_counter() - t0)
+    if cfg.eval.get("fp_finetune") and rank0:
+        reference = fp_finetune(cfg, fp, datamodule, suite, tokenizer)
+        metrics.update(reference["texts"])
+        add_tasks(metrics, "fp_ft", reference["tasks"])
+        log.info("FP fine-tuned: %s (%.1f s)", {k: round(v, 4) for k, v in metrics.items() if "fp_ft" in k and isinstance(v, float)}, time.perf_counter() - t0)
+    if suite.tasks or cfg.eval.get("fp_finetune"):  # lm-eval and the fine-tune draw random numbers (lm-eval seeds its own)
+        L.seed_everything(cfg.seed, workers=True)  # so QAT starts alike with or without them
 
     try:
         qat.quantize_(model, weight=quant.get("weight"), activation=quant.get("activation"), embedding=quant.get("embedding"), include=list(cfg.quant.include), exclude=cfg.quant.exclude)
@@ -161,8 +211,8 @@ def run(cfg: DictConfig) -> float:
             raise RunError(f"model.gradient_checkpointing=true: {type(model).__name__} does not support it; set it to false")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = instantiate(cfg.module, model=model, teacher=fp if objective.needs_teacher else None, objective=objective)
-    if metric == "ppl":
-        module.reference_ppl = {k.rsplit("_", 1)[1]: v for k, v in metrics.items()}
+    if metric == "ppl":  # the in-domain references of the perplexity curve
+        module.reference_ppl = {name: metrics[f"ppl_{name}"] for name in ("fp", "fp_ft", "ptq") if f"ppl_{name}" in metrics}
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -176,10 +226,16 @@ def run(cfg: DictConfig) -> float:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     # every rank evaluates: a sharded (trainer=fsdp) model runs its forward collectively; rank 0 reports
-    value = objective.evaluate(module.model, heldout, fp)
+    trained = suite.texts(module.model, "qat", teacher=fp)
     if trainer.global_rank != 0:
         return float("nan")
-    metrics[f"{metric}_qat"] = value
+    metrics.update(trained)
+    if suite.tasks:
+        if trainer.world_size > 1 and cfg.trainer.get("strategy") == "fsdp":
+            log.warning("tasks skipped under FSDP (rank 0 holds shards only): run `qat-eval %s --tasks ...`", run_dir)
+        else:
+            add_tasks(metrics, "qat", suite.task_scores(module.model, tokenizer))
+    metrics.update(gaps(metrics, metric))
     tokens_per_step = cfg.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches * datamodule.tokens_per_sample
     metrics.update(
         steps=trainer.global_step,
@@ -205,7 +261,7 @@ def run(cfg: DictConfig) -> float:
         if exported is not None:  # None: skipped (a sharded model; qat-export works from the checkpoint)
             metrics["export"] = str(exported)
     write_json(run_dir / "metrics.json", metrics)
-    print_summary(metrics, metric, run_dir)
+    print("\n" + summary(metrics, metric, run_dir))
     return metrics[f"{metric}_qat"]
 
 
@@ -225,24 +281,74 @@ def export_run(model, tokenizer, run_dir: Path, format: str, trainer) -> Path | 
         raise RunError(f"export: {e} (set export.enabled=false to skip the export)") from None
 
 
+def build_suite(cfg: DictConfig, tokenizer, objective, heldout: list):
+    """The run's ``qat.suite.Suite``: its held-out split, the out-of-domain text (``eval.ood``), its tasks."""
+    from hydra.utils import instantiate
+
+    from qat.suite import Suite
+
+    ood = None
+    if cfg.eval.get("ood"):
+        other = instantiate(cfg.data, tokenizer=tokenizer, source=cfg.eval.ood)
+        try:
+            other.setup("validate")
+        except ValueError as e:
+            raise RunError(f"eval.ood: {e}") from None
+        ood = list(other.val_dataloader())
+    options = {"include_path": cfg.eval.get("tasks_include"), "limit": cfg.eval.get("tasks_limit"),
+               "batch_size": cfg.eval.get("tasks_batch_size") or 4}
+    return Suite(objective, heldout, ood, list(cfg.eval.get("tasks") or []), options)
+
+
+def fp_finetune(cfg: DictConfig, fp, datamodule, suite, tokenizer) -> dict:
+    """The fair reference: the FP model trained with the run's data, steps, optimizer and schedule.
+
+    Every weight trains, with the run's weight learning rate, on the labels alone (cross-entropy:
+    distilling the FP model into itself would not move it). Its metrics are cached like the FP
+    model's, under the FP fingerprint plus every setting the training depends on, so recipes
+    that share them (a CE and a KD run, say) train it once.
+
+    Returns:
+        ``{"texts": {ppl_fp_ft[_ood]: v}, "tasks": {task: qat.tasks.lm_eval summary}}``.
+    """
+    import hashlib
+
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from qat.fp_reference import cached, fingerprint
+    from qat.lit.objectives import CausalLM
+
+    settings = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "optim", "module")}
+    settings["trainer"] = {k: cfg.trainer.get(k) for k in ("max_steps", "accumulate_grad_batches", "gradient_clip_val", "precision")}
+    settings.update(seed=cfg.seed, ood=cfg.eval.get("ood"), tasks=list(suite.tasks), task_options=suite.task_options)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    key = fingerprint(fp, suite.heldout, suite.objective)[:32] + "-fp_ft-" + digest[:32]
+
+    def train() -> dict:
+        log.info("FP fine-tune: %d steps with the run's data, optimizer and schedule (the fair reference)", cfg.trainer.max_steps)
+        L.seed_everything(cfg.seed, workers=True)
+        model = copy.deepcopy(fp).train().requires_grad_(True)
+        objective = CausalLM(chunk_tokens=cfg.module.objective.get("chunk_tokens"))
+        try:
+            module = instantiate(cfg.module, model=model, teacher=None, objective=objective)
+        except ValueError as e:
+            raise RunError(f"eval.fp_finetune: {e}") from None
+        trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False, limit_val_batches=0)
+        trainer.fit(module, datamodule=datamodule)
+        model = module.model.eval().requires_grad_(False)
+        return {"texts": suite.texts(model, "fp_ft"), "tasks": suite.task_scores(model, tokenizer)}
+
+    record, hit = cached(key, train) if cfg.eval.get("cache_fp", True) else (train(), False)
+    if hit:
+        log.info("FP fine-tune's metrics from the cache (%s): same weights, data, steps and optimizer", key)
+    return record
+
+
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
-
-
-def print_summary(metrics: dict, metric: str, run_dir: Path) -> None:
-    name = {"ppl": "held-out perplexity", "cos": "held-out cosine to FP"}[metric]
-    fp = metrics.get(f"{metric}_fp")
-    rows = [("FP", fp), ("PTQ (round-to-nearest)", metrics.get(f"{metric}_ptq")), ("QAT", metrics.get(f"{metric}_qat"))]
-    print(f"\n{'model':<24}{name:>24}" + ("      x FP" if metric == "ppl" and fp else ""))
-    for label, value in rows:
-        if value is None:
-            continue
-        ratio = f"{value / fp:>10.2f}" if metric == "ppl" and fp else ""
-        print(f"{label:<24}{value:>24.4g}{ratio}")
-    print(f"\n{metrics['steps']} steps, {metrics['tokens']} tokens, {metrics['seconds']} s, peak RSS {metrics['peak_rss_mb']:.0f} MB")
-    print(f"outputs: {run_dir} (metrics.json, checkpoints/, csv/, wandb/)")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIGS, config_name="train")

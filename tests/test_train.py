@@ -182,8 +182,12 @@ def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
         (["recipe=smollm2_w4_lsq", "data.source=/nonexistent/corpus.txt"], ["/nonexistent/corpus.txt"]),
         (["recipe=smollm2_w4_lsq", "quant.weight.group_size=100", *LM_SMALL], ["group_size=100", "in_features=576", "valid group sizes"]),
         (["hydra.run.dir=/proc/qat-run"], ["/proc/qat-run"]),
+        (["recipe=smollm2_w4_lsq", "eval.ood=/nonexistent/other.txt"], ["eval.ood", "/nonexistent/other.txt"]),
+        (["recipe=smollm2_w4_lsq", "eval.tasks=[hellaswagg]"], ["eval.tasks", "hellaswagg", "hellaswag"]),
+        (["recipe=smollm2_w4_zo_scales", "eval.fp_finetune=true"], ["eval.fp_finetune", "module=zo"]),
     ],
-    ids=["unknown-recipe", "mistyped-key", "bits-0", "missing-data", "group-size", "unwritable-dir"],
+    ids=["unknown-recipe", "mistyped-key", "bits-0", "missing-data", "group-size", "unwritable-dir", "missing-ood",
+         "unknown-task", "fp-finetune-forward-only"],
 )
 def test_cli_bad_input_is_one_clear_message(args, words, tmp_path):
     out = cli(*args, tmp_path=tmp_path)
@@ -230,3 +234,42 @@ def test_memory_switches_train_to_the_same_loss(tmp_path):
     start = json.loads((tmp_path / "0" / "metrics.json").read_text())["ppl_ptq"]
     assert abs(values[0] - start) > 1e-3 * start  # the two steps moved the model
     assert values[0] == pytest.approx(values[1], rel=1e-5)
+
+
+def test_a_run_reports_both_texts_the_fp_fine_tune_and_tasks_and_qat_eval_repeats_them(tmp_path, local_task, monkeypatch):
+    """eval.ood, eval.fp_finetune and eval.tasks in one run: every model on every text and task, the gaps by
+    their formula, the FP fine-tune read back from the cache by an identical run, qat-eval on the run and its export."""
+    from qat.eval import gap_recovered
+    from qat.evaluate import evaluate
+    from tests.test_tasks import hand_accuracy
+
+    monkeypatch.setenv("QAT_CACHE", str(tmp_path / "cache"))
+    folder, task = local_task
+    args = ["recipe=smollm2_w4_lsq", "debug=fast", "logger=csv", "export.enabled=true", *LM_SMALL,
+            "eval.fp_finetune=true", f"eval.tasks=[{task}]", f"eval.tasks_include={folder}"]
+    train.run(cfg_for(args, tmp_path / "a"))
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    for name in ("fp", "ptq", "fp_ft", "qat"):
+        assert m[f"ppl_{name}"] > 1 and m[f"ppl_{name}_ood"] > 1, name
+        assert m["tasks"][task][name] in (0.0, 1 / 3, 2 / 3, 1.0), name
+    assert m["ppl_fp_ft"] < m["ppl_fp"]  # two steps on the training corpus move the FP model towards it
+    assert m["gap_recovered_ood"] == pytest.approx(gap_recovered(m["ppl_ptq_ood"], m["ppl_qat_ood"], m["ppl_fp_ood"]))
+    assert m["gap_recovered_fp_ft"] == pytest.approx(gap_recovered(m["ppl_ptq"], m["ppl_qat"], m["ppl_fp_ft"]))
+    from qat.models import load_model
+
+    fp, tok = load_model("smollm2-135m")
+    assert m["tasks"][task]["fp"] == pytest.approx(hand_accuracy(fp, tok))
+
+    train.run(cfg_for(args + ["export.enabled=false"], tmp_path / "b"))  # same FP fine-tune settings: from the cache
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert (b["ppl_fp_ft"], b["ppl_fp_ft_ood"], b["tasks"][task]["fp_ft"]) == (m["ppl_fp_ft"], m["ppl_fp_ft_ood"], m["tasks"][task]["fp_ft"])
+    assert b["ppl_qat"] == m["ppl_qat"]  # the references before it leave the QAT run as it was
+
+    options = {"include_path": folder}
+    run = evaluate(tmp_path / "a", tasks=[task], **options)
+    assert run["ppl"] == pytest.approx(m["ppl_qat"], rel=1e-6)
+    assert run["tasks"][task]["value"] == m["tasks"][task]["qat"]
+    exported = evaluate(tmp_path / "a" / "export", tasks=[task], **options)
+    assert exported["tasks"][task]["value"] == m["tasks"][task]["qat"]
+    with pytest.raises(ValueError, match="--tasks"):
+        evaluate(tmp_path / "a" / "export")

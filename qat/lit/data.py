@@ -2,7 +2,8 @@
 
 ``TextDataModule`` packs a corpus into causal-LM blocks of ``seq_len`` tokens; ``SentenceDataModule``
 cuts it into sentences for embedding distillation. Both read the same sources: ``"shipped"`` (the
-documentation topics of the running CPython, ``qat.corpus.shipped_text()``), a local text
+documentation topics of the running CPython, ``qat.corpus.shipped_text()``), ``"licenses"`` (Debian's
+common licences, the out-of-domain text: ``qat.corpus.licenses_text()``), a local text
 (``.txt``/``.md``: one file, one document), JSON/JSONL or Parquet file, a folder of files of one
 of those types, or a hub dataset name (online only). Every step is a ``datasets`` call whose
 result ``datasets`` caches on disk, so a second run (or the other ranks of a DDP run, after rank
@@ -40,9 +41,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from qat.corpus import TEXTS
+
 log = logging.getLogger(__name__)
 
-SHIPPED = "shipped"
+SHIPPED = "shipped"  # the default training corpus; qat.corpus.TEXTS names the others
 _BUILDERS = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -138,15 +141,15 @@ class BatchStream(IterableDataset):
 class _Source:
     name: str  # as given, for messages
     builder: str | None  # "text", "json", "parquet"; None for a hub dataset
-    files: tuple[str, ...] = ()  # empty for "shipped" (written at load time) and hub datasets
+    files: tuple[str, ...] = ()  # empty for the named texts (written at load time) and hub datasets
 
 
-def _resolve_source(source: str | os.PathLike) -> _Source:
+def resolve_source(source: str | os.PathLike) -> _Source:
     """Classify ``source`` without reading any data; every path error surfaces here."""
     if not isinstance(source, (str, os.PathLike)) or not str(source):
-        raise ValueError(f"source must be 'shipped', a file or folder path, or a hub dataset name; got {source!r}")
+        raise ValueError(f"source must be 'shipped', 'licenses', a file or folder path, or a hub dataset name; got {source!r}")
     name = str(source)
-    if name == SHIPPED:
+    if name in TEXTS:
         return _Source(name, "text")
     path = Path(name).expanduser()
     kinds = ", ".join(_BUILDERS)
@@ -179,24 +182,24 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qat" / "data"
 
 
-def shipped_file(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The shipped corpus as a UTF-8 text file in the data cache, written once (atomically).
+def text_file(name: str = SHIPPED, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A named text of ``qat.corpus.TEXTS`` as a UTF-8 file in the data cache, written once (atomically).
 
-    The name carries a hash of the text, so CPython versions with different topics never share a
-    file. ``cache_dir`` defaults to ``$QAT_CACHE/data``, else ``~/.cache/qat/data``.
+    The name carries a hash of the text, so CPython versions with different topics (or systems with
+    other licence files) never share a file. ``cache_dir`` defaults to ``$QAT_CACHE/data``, else
+    ``~/.cache/qat/data``.
 
     Raises:
         OSError: the cache directory is not writable.
+        FileNotFoundError: ``"licenses"`` on a system without Debian's common licences.
 
     Example:
-        >>> shipped_file().read_text() == shipped_text()  # doctest: +SKIP
+        >>> text_file("shipped").read_text() == shipped_text()  # doctest: +SKIP
         True
     """
-    from qat.corpus import shipped_text
-
-    text = shipped_text()
+    text = TEXTS[name]()
     root = _cache_root(cache_dir)
-    target = root / f"pydoc_topics-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
+    target = root / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
     if target.is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -237,7 +240,7 @@ def _load_documents(source: _Source, text_field: str, cache_dir: str | os.PathLi
             ) from e
         column = text_field
     elif source.builder == "text":
-        files = list(source.files) or [str(shipped_file(cache_dir))]
+        files = list(source.files) or [str(text_file(source.name, cache_dir))]
         ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train", cache_dir=hf_cache)
         column = "text"
     else:
@@ -266,7 +269,7 @@ class _StreamingDataModule(L.LightningDataModule):
             raise ValueError(f"text_field must be a non-empty column name; got {text_field!r}")
         self.tokenizer, self.batch_size, self.seed, self.text_field = tokenizer, batch_size, seed, text_field
         self.cache_dir = cache_dir
-        self._source = _resolve_source(source)
+        self._source = resolve_source(source)
         self.source = self._source.name
 
     def _rank_world(self) -> tuple[int, int]:
@@ -346,7 +349,7 @@ class TextDataModule(_StreamingDataModule):
 
     Args:
         tokenizer: a Hugging Face tokenizer.
-        source: ``"shipped"``, a ``.txt``/``.md``/``.json``/``.jsonl``/``.parquet`` file, a folder of
+        source: ``"shipped"``, ``"licenses"``, a ``.txt``/``.md``/``.json``/``.jsonl``/``.parquet`` file, a folder of
             files of one of those types (its top-level files, in sorted order), or a hub dataset
             name (``datasets.load_dataset(name, split="train")``, online or from the hub cache).
         seq_len: tokens per block, >= 2.

@@ -15,12 +15,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from pydoc_data.topics import topics
 
-from qat.corpus import shipped_text, token_blocks
+from qat.corpus import COMMON_LICENSES, licenses_text, shipped_text, token_blocks
 from qat.lit.data import (
     BatchStream,
     SentenceDataModule,
     TextDataModule,
-    shipped_file,
+    text_file,
     split_sentences,
     stream_batch_indices,
 )
@@ -207,7 +207,15 @@ def test_a_text_file_of_the_shipped_text_is_the_shipped_corpus(dm, tok, cache, t
     other = text_dm(tok, path, cache, heldout_tokens=HELD, batch_size=4)
     assert torch.equal(other.heldout_blocks(), dm.heldout_blocks())
     assert torch.equal(other.train_blocks(), dm.train_blocks())
-    assert shipped_file(cache).read_text(encoding="utf-8") == shipped_text()
+    assert text_file("shipped", cache).read_text(encoding="utf-8") == shipped_text()
+
+
+@pytest.mark.skipif(not COMMON_LICENSES.is_dir(), reason="not a Debian-based system")
+def test_the_out_of_domain_licences_are_a_named_source_like_the_shipped_text(tok, cache):
+    dm = text_dm(tok, "licenses", cache, heldout_tokens=HELD)
+    ref = token_blocks(tok, licenses_text(), SEQ)
+    assert torch.equal(dm.heldout_blocks(), ref[:16])
+    assert text_file("licenses", cache).read_text(encoding="utf-8") == licenses_text()
 
 
 def check_documents(dm, tok, n_docs):

@@ -37,16 +37,24 @@ def batch_argv(args: argparse.Namespace) -> list[str]:
 
 
 def write_json(name: str, result: dict, section: str | None = None) -> Path:
-    """Write ``result`` to ``RESULTS/name.json`` atomically (into ``section``, keeping the others)."""
+    """Write ``result`` to ``RESULTS/name.json`` atomically (into ``section``, keeping the others).
+
+    Read-modify-write under an exclusive lock, so benchmark processes running side by side (one GPU
+    shared by several recipe workers) never drop each other's sections.
+    """
+    import fcntl
+
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{name}.json"
-    data = result
-    if section is not None:
-        data = json.loads(out.read_text()) if out.exists() else {}
-        data[section] = result
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, out)
+    with open(RESULTS / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = result
+        if section is not None:
+            data = json.loads(out.read_text()) if out.exists() else {}
+            data[section] = result
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, out)
     return out
 
 

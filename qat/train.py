@@ -320,6 +320,8 @@ def fp_finetune(cfg: DictConfig, fp, datamodule, suite, tokenizer) -> dict:
     from qat.lit.objectives import CausalLM
 
     settings = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "optim", "module")}
+    settings["module"].pop("objective")  # the fine-tune trains on labels whatever the run's objective (CE and KD runs share it)
+    settings["chunk_tokens"] = cfg.module.objective.get("chunk_tokens")
     settings["trainer"] = {k: cfg.trainer.get(k) for k in ("max_steps", "accumulate_grad_batches", "gradient_clip_val", "precision")}
     settings.update(seed=cfg.seed, ood=cfg.eval.get("ood"), tasks=list(suite.tasks), task_options=suite.task_options)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()

@@ -19,6 +19,7 @@ model (``gap_recovered[_ood]``) and, where it was trained, the FP fine-tune
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,9 @@ class Suite:
         ood: out-of-domain held-out batches, or None to skip that text.
         tasks: lm-eval task names (empty: none).
         task_options: ``include_path``, ``limit``, ``num_fewshot``, ``batch_size`` for ``qat.tasks.lm_eval``.
+        device: where to measure (``"cuda"`` on a GPU run: the references and the trained model are
+            measured there, not on the CPU where they were loaded or where Lightning leaves them);
+            each model goes back to its own device afterwards. None: where the model is.
     """
 
     objective: object
@@ -50,6 +54,26 @@ class Suite:
     ood: list | None = None
     tasks: list[str] = field(default_factory=list)
     task_options: dict = field(default_factory=dict)
+    device: str | None = None
+
+    @contextlib.contextmanager
+    def on_device(self, *models):
+        """Move ``models`` (None entries skipped) to the suite's device for the block, then back."""
+        import torch
+
+        models = [m for m in models if m is not None]
+        homes = [next(m.parameters()).device for m in models]
+        if self.device is not None:
+            for m in models:
+                m.to(self.device)
+        try:
+            yield
+        finally:
+            if self.device is not None:
+                for m, home in zip(models, homes):
+                    m.to(home)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
     @property
     def metric(self) -> str:
@@ -68,7 +92,8 @@ class Suite:
         out = {}
         for text, batches in self.batches().items():
             def compute(batches=batches):
-                return self.objective.evaluate(model, batches, teacher if teacher is not None else model)
+                with self.on_device(model, teacher if teacher is not model else None):
+                    return self.objective.evaluate(model, batches, teacher if teacher is not None else model)
             out[key(self.metric, name, text)] = measure(batches, compute) if measure else compute()
         return out
 
@@ -78,7 +103,8 @@ class Suite:
             return {}
         from qat.tasks import lm_eval
 
-        return lm_eval(model, tokenizer, self.tasks, **self.task_options)
+        with self.on_device(model):
+            return lm_eval(model, tokenizer, self.tasks, **self.task_options)
 
 
 def add_tasks(metrics: dict, name: str, scores: dict[str, dict]) -> None:

@@ -223,7 +223,9 @@ def run(cfg: DictConfig) -> float:
     checkpointing = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks)
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                           enable_checkpointing=checkpointing)
+    t_fit = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    train_seconds = round(time.perf_counter() - t_fit, 1)
 
     # every rank evaluates: a sharded (trainer=fsdp) model runs its forward collectively; rank 0 reports
     trained = suite.texts(module.model, "qat", teacher=fp)
@@ -241,6 +243,7 @@ def run(cfg: DictConfig) -> float:
         steps=trainer.global_step,
         tokens=trainer.global_step * tokens_per_step,
         seconds=round(time.perf_counter() - t0, 1),
+        train_seconds=train_seconds,  # trainer.fit alone (validation included): the budget two methods are compared at
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         model=cfg.model.name,
         quant=OmegaConf.to_container(cfg.quant, resolve=True),
@@ -297,7 +300,22 @@ def build_suite(cfg: DictConfig, tokenizer, objective, heldout: list):
         ood = list(other.val_dataloader())
     options = {"include_path": cfg.eval.get("tasks_include"), "limit": cfg.eval.get("tasks_limit"),
                "batch_size": cfg.eval.get("tasks_batch_size") or 4}
-    return Suite(objective, heldout, ood, list(cfg.eval.get("tasks") or []), options)
+    return Suite(objective, heldout, ood, list(cfg.eval.get("tasks") or []), options, device=eval_device(cfg))
+
+
+def eval_device(cfg: DictConfig) -> str | None:
+    """Where a one-process run measures its models: the GPU it trains on, else where they are (None).
+
+    Lightning moves the model to the GPU for ``fit`` and back to the CPU after it; the references
+    are loaded on the CPU. Measuring them there would leave the GPU idle for minutes. A distributed
+    run measures where each rank's model is (rank 0's references stay one process's work).
+    """
+    import torch
+
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    one_process = cfg.trainer.get("devices") in (1, "1") and cfg.trainer.get("num_nodes", 1) == 1
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return "cuda" if gpu and one_process and torch.cuda.is_available() else None
 
 
 def fp_finetune(cfg: DictConfig, fp, datamodule, suite, tokenizer) -> dict:

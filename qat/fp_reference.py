@@ -4,7 +4,7 @@ Every ``qat-train`` run reports the FP model's held-out perplexity next to PTQ a
 run of the same model on the same split measures the same number again (70 s of a SmolLM2-135M run
 on 2 CPU cores). The value is a function of the weights, the held-out token ids and the objective,
 so it is stored under a key made of their digests (the weights' bytes, the ids' bytes, the
-objective's class and settings, the torch version) and read back when the key matches. A changed
+objective's class and metric, the torch version) and read back when the key matches. A changed
 weight, split, objective or torch gives another key; nothing is invalidated by hand.
 
 Stored as one small JSON file per key under ``$QAT_CACHE/fp_reference`` (default
@@ -32,7 +32,9 @@ def fingerprint(model: torch.nn.Module, batches: Iterable[dict], objective) -> s
     """A digest of ``model``'s parameters and buffers, the held-out ``batches`` and ``objective``."""
     h = hashlib.sha256()
     h.update(torch.__version__.encode())
-    h.update(f"{type(objective).__module__}.{type(objective).__qualname__}:{sorted(vars(objective).items())!r}".encode())
+    # the objective's class decides how a model is measured; its training settings (distillation weight,
+    # temperature, chunking) do not, so a CE and a KD run of the same model share the FP numbers
+    h.update(f"{type(objective).__module__}.{type(objective).__qualname__}:{getattr(objective, 'metric', '')}".encode())
     for name, t in list(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())

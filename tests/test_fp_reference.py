@@ -1,4 +1,4 @@
-"""The FP reference metric is measured once per (weights, held-out data, objective) and read back after."""
+"""The FP reference metric is measured once per (weights, held-out data, objective class) and read back after."""
 
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ def test_measured_once_then_read_back_and_keyed_on_weights_data_and_objective(tm
     base = fingerprint(model, batches, CausalLM())
     other_data = [{"input_ids": torch.arange(8).view(2, 4) + 1}]
     assert fingerprint(model, other_data, CausalLM()) != base
-    assert fingerprint(model, batches, CausalLM(kd_weight=0.5)) != base
+    assert fingerprint(model, batches, CausalLM(kd_weight=0.5)) == base  # training settings do not change a measurement
+    from qat.lit.objectives import EmbeddingDistill
+
+    assert fingerprint(model, batches, EmbeddingDistill()) != base
     with torch.no_grad():
         model.weight[0, 0] += 1e-6
     assert fingerprint(model, batches, CausalLM()) != base

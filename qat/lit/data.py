@@ -2,7 +2,7 @@
 
 ``TextDataModule`` packs a corpus into causal-LM blocks of ``seq_len`` tokens; ``SentenceDataModule``
 cuts it into sentences for embedding distillation. Both read the same sources: ``"shipped"`` (the
-documentation topics of the running CPython, ``qat.corpus.shipped_text()``), ``"licenses"`` (Debian's
+documentation topics of CPython 3.11, shipped in the package: ``qat.corpus.shipped_text()``), ``"licenses"`` (Debian's
 common licences, the out-of-domain text: ``qat.corpus.licenses_text()``), a local text
 (``.txt``/``.md``: one file, one document), JSON/JSONL or Parquet file, a folder of files of one
 of those types, or a hub dataset name (online only). Every step is a ``datasets`` call whose

@@ -191,8 +191,11 @@ def run(cfg: DictConfig) -> float:
         add_tasks(metrics, "ptq", suite.task_scores(ptq, tokenizer))
         del ptq
         log.info("references: %s (%.1f s)", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}, time.perf_counter() - t0)
+    fp_ft_seconds = 0.0
     if cfg.eval.get("fp_finetune") and rank0:
+        t_ft = time.perf_counter()
         reference = fp_finetune(cfg, fp, datamodule, suite, tokenizer)
+        fp_ft_seconds = round(time.perf_counter() - t_ft, 1)
         metrics.update(reference["texts"])
         add_tasks(metrics, "fp_ft", reference["tasks"])
         log.info("FP fine-tuned: %s (%.1f s)", {k: round(v, 4) for k, v in metrics.items() if "fp_ft" in k and isinstance(v, float)}, time.perf_counter() - t0)
@@ -244,6 +247,7 @@ def run(cfg: DictConfig) -> float:
         tokens=trainer.global_step * tokens_per_step,
         seconds=round(time.perf_counter() - t0, 1),
         train_seconds=train_seconds,  # trainer.fit alone (validation included): the budget two methods are compared at
+        fp_ft_seconds=fp_ft_seconds,  # the FP fine-tune reference (0 when off or cached): `seconds` less this is the run without it
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         model=cfg.model.name,
         quant=OmegaConf.to_container(cfg.quant, resolve=True),

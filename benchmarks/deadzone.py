@@ -54,11 +54,11 @@ def measure(run_dir: Path) -> dict:
     """The dead-zone counts of one finished run (start: its quantizer config on the pretrained weights)."""
     import torch
 
-    from qat.evaluate import _locate, build_model, load_config
+    from qat.config import build_model, load_run_config, locate_run
     from qat.lit.callbacks import _latent
 
-    run_dir, ckpt = _locate(run_dir)
-    cfg = load_config(run_dir)
+    run_dir, ckpt = locate_run(run_dir)
+    cfg = load_run_config(run_dir)
     trained, _, _ = build_model(cfg, ckpt)
     begin = dict(build_model(cfg, None)[0].named_modules())
     counts = dict.fromkeys(("n", "start_zero", "end_zero", "trapped", "escaped", "entered"), 0)
@@ -99,11 +99,11 @@ def grad_ratio(run_dir: Path, batch: int = 4, seq_len: int = 256) -> dict:
     """
     import torch
 
+    from qat.config import build_model, load_run_config, locate_run
     from qat.corpus import shipped_text, token_blocks
-    from qat.evaluate import _locate, build_model, load_config
 
-    run_dir, _ = _locate(run_dir)
-    cfg = load_config(run_dir)
+    run_dir, _ = locate_run(run_dir)
+    cfg = load_run_config(run_dir)
     model, tokenizer, _ = build_model(cfg, None)
     layers = {n: m for n, m in model.named_modules() if getattr(m, "weight_quantizer", None) is not None}
     lam = next(iter(layers.values())).weight_quantizer.lam

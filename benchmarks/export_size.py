@@ -76,8 +76,10 @@ def exactness(model, ids, loaded_logits) -> dict:
 
 
 def main() -> None:
+    from qat.config import config_dir
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    configs = sorted(p.stem for p in (ROOT / "configs" / "quant").glob("*.yaml") if not p.stem.startswith("minilm"))  # MiniLM's quantizes a BERT encoder
+    configs = sorted(p.stem for p in (config_dir() / "quant").glob("*.yaml") if not p.stem.startswith("minilm"))  # MiniLM's quantizes a BERT encoder
     parser.add_argument("--configs", nargs="+", choices=configs, default=configs, metavar="NAME", help=f"a subset of {', '.join(configs)}")
     parser.add_argument("--tokens", type=int, default=256, help="held-out tokens for the exactness check (one block; 0: skip it)")
     args = parser.parse_args()
@@ -93,7 +95,7 @@ def main() -> None:
     ids = token_blocks(tokenizer, shipped_text(), args.tokens)[:1] if args.tokens else None  # the first block: the held-out split
     results = {}
     for name in args.configs:
-        results[name] = measure(model, OmegaConf.load(ROOT / "configs" / "quant" / f"{name}.yaml"), ids)
+        results[name] = measure(model, OmegaConf.load(config_dir() / "quant" / f"{name}.yaml"), ids)
         print(name, results[name], flush=True)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "export_size.json"

@@ -80,7 +80,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-CONFIGS = str(ROOT / "configs")
 
 # Per width: the reference recipe (torchao's optimizer settings, its grid and the reference PTQ)
 # and our rows as (key, label, Hydra overrides).
@@ -146,12 +145,11 @@ PRESETS = {
 
 def compose(overrides: list[str], steps: int):
     """The ``qat-train`` config for ``overrides``, with ``steps`` optimizer steps (warm-up clipped to them)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from omegaconf import open_dict
 
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=list(overrides))
+    from qat.config import compose as compose_run
+
+    cfg = compose_run(overrides)
     with open_dict(cfg):
         cfg.trainer.max_steps = steps
         sched = cfg.optim.get("scheduler")
@@ -161,11 +159,9 @@ def compose(overrides: list[str], steps: int):
 
 
 def recipe_steps(overrides: list[str]) -> int:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from qat.config import compose as compose_run
 
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return int(hydra_compose(config_name="train", overrides=list(overrides)).trainer.max_steps)
+    return int(compose_run(overrides).trainer.max_steps)
 
 
 def seed_all(seed: int) -> None:
@@ -285,9 +281,10 @@ def build_torchao_ternary(ref_cfg, kind: str, steps: int, args):
         module.parameter_groups = lambda: groups
         desc = "ternary ParetoQ SEQ per-row"
     else:
-        from qat.lit.module import QATModule
         from torchao.prototype.parq.optim import ProxHardQuant, ProxPARQ, QuantOptimizer
         from torchao.prototype.parq.quant import TernaryUnifQuantizer
+
+        from qat.lit.module import QATModule
 
         block = PARQ_BLOCK
         model.to(args.device)
@@ -606,7 +603,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--only", help="comma-separated widths among " + ",".join(WIDTHS))
-    parser.add_argument("--methods", help="comma-separated row keys (lsq, lsqplus, l4q, peqa, zo, lwc, absmean, seq, tequila, torchao_dynamic, torchao_range, torchao_parq_ste, torchao_parq, torchao_paretoq)")
+    parser.add_argument("--methods", help="comma-separated row keys (lsq, lsqplus, l4q, peqa, zo, lwc, absmean, seq, tequila, "
+                        "torchao_dynamic, torchao_range, torchao_parq_ste, torchao_parq, torchao_paretoq)")
     parser.add_argument("--out", type=Path, default=RESULTS / "peers_accuracy.json")
     args = parser.parse_args()
     name = "full" if args.full else "quick"

@@ -117,7 +117,8 @@ def main() -> None:
     summary = {name: statistics.median(rs) for name, rs in runs.items()}
     ours, ao = summary["ours"] / summary["fp"], summary["torchao"] / summary["fp"]
     result = {
-        "what": f"{args.model} train step (fwd+bwd), float32 {args.device}, weight fake quant w4 sym g32 on the decoder linears: ours (LSQ) vs torchao (QATConfig IntxFakeQuantizeConfig) vs none",
+        "what": f"{args.model} train step (fwd+bwd), float32 {args.device}, weight fake quant w4 sym g32 on the decoder linears: "
+                "ours (LSQ) vs torchao (QATConfig IntxFakeQuantizeConfig) vs none",
         "model": args.model,
         "device": args.device,
         "batch": args.batch,

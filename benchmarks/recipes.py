@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ROOT / "recipes" / "experiment"
 
 
 def machine(gpu: bool = False) -> dict:
@@ -63,11 +62,11 @@ def last_quant_stats(run_dir: Path) -> dict:
 
 def has_fp_finetune(recipe: str, overrides: list[str]) -> bool:
     """Whether ``qat-train`` can train the FP fine-tune reference for this recipe (backprop, causal LM)."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import get_class
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"recipe={recipe}", *overrides])
+    from qat.config import compose
+
+    cfg = compose([f"recipe={recipe}", *overrides])
     forward_only = getattr(get_class(cfg.module._target_), "forward_only", False)
     return not forward_only and cfg.module.objective._target_ == "qat.lit.objectives.CausalLM"
 
@@ -103,10 +102,12 @@ def main() -> None:
     cut = argv.index("--") if "--" in argv else len(argv)  # argparse would read what follows "--" as recipe names
     args = parser.parse_args(argv[:cut])
     overrides = argv[cut + 1:]
-    names = args.recipes or sorted(p.stem for p in RECIPES.glob("*.yaml"))
-    unknown = [n for n in names if not (RECIPES / f"{n}.yaml").exists()]
+    from qat.config import recipe_names
+
+    names = args.recipes or recipe_names()
+    unknown = [n for n in names if n not in recipe_names()]
     if unknown:
-        parser.error(f"unknown recipe(s) {unknown}: choose from {sorted(p.stem for p in RECIPES.glob('*.yaml'))}")
+        parser.error(f"unknown recipe(s) {unknown}: choose from {recipe_names()}")
     device = ["trainer=gpu", "logger=csv"] if args.gpu else []
     for name in names:
         reference = ["eval.fp_finetune=true"] if has_fp_finetune(name, overrides) else []

@@ -307,7 +307,7 @@ def main() -> None:
         if not path.exists():
             continue
         block = f"<!-- results:{name} -->\n{render(json.loads(path.read_text()))}\n<!-- /results:{name} -->"
-        text, n = re.subn(rf"<!-- results:{name} -->.*?<!-- /results:{name} -->", lambda _: block, text, flags=re.S)
+        text, n = re.subn(rf"<!-- results:{name} -->.*?<!-- /results:{name} -->", lambda _, block=block: block, text, flags=re.S)
         if n == 0:
             print(f"README.md has no <!-- results:{name} --> marker; skipped")
     readme.write_text(text)

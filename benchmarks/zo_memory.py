@@ -107,7 +107,8 @@ def measure(mode: str, args, chunk: int | None = None, materialize: bool = False
     rss_peak_reset()
     for _ in range(args.steps):
         step()
-    return {"peak_rss_mb": status_kb("VmHWM") / 1024, "moving_params": sum(p.numel() for p in model.parameters() if p.requires_grad) if mode != "inference" else 0}
+    moving = sum(p.numel() for p in model.parameters() if p.requires_grad) if mode != "inference" else 0
+    return {"peak_rss_mb": status_kb("VmHWM") / 1024, "moving_params": moving}
 
 
 def main() -> None:

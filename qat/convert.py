@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from qat.errors import UserError
 from qat.nn.embedding import QuantEmbedding
 from qat.nn.linear import QuantLinear, is_conv1d
 from qat.quantizers.base import Quantizer
@@ -26,7 +27,7 @@ def _as_patterns(patterns: str | Iterable[str] | None, what: str) -> tuple[str, 
         return (patterns,)
     patterns = tuple(patterns)
     if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{what} must be a string or a list of strings (glob patterns over module names), got {patterns!r}")
+        raise UserError(f"{what} must be a string or a list of strings (glob patterns over module names), got {patterns!r}")
     return patterns
 
 
@@ -54,7 +55,7 @@ def _build(factory: Factory | None, what: str) -> Quantizer | None:
         return None
     q = factory()
     if not isinstance(q, Quantizer):
-        raise TypeError(f"the {what} factory must return a qat.quantizers.Quantizer, got {type(q).__name__}")
+        raise UserError(f"the {what} factory must return a qat.quantizers.Quantizer, got {type(q).__name__}")
     return q
 
 
@@ -86,9 +87,9 @@ def quantize_(
         The same model.
 
     Raises:
-        ValueError: a pattern that matches no layer, no layer selected, a group size that does not
-            divide a layer's ``in_features``, a model already quantized, NaN/inf in a weight.
-        TypeError: a factory that does not build a Quantizer, a non-floating-point weight.
+        UserError: a pattern that matches no layer, no layer selected, a group size that does not
+            divide a layer's ``in_features``, a model already quantized, NaN/inf in a weight, a
+            factory that does not build a Quantizer, a non-floating-point weight.
 
     Example:
         >>> from functools import partial
@@ -99,32 +100,32 @@ def quantize_(
         'QuantLinear'
     """
     if weight is None and activation is None and embedding is None:
-        raise ValueError("quantize_ needs at least one of weight=, activation= or embedding= (quantizer factories)")
+        raise UserError("quantize_ needs at least one of weight=, activation= or embedding= (quantizer factories)")
     include = _as_patterns(include, "include")
     explicit_exclude = exclude is not None
     exclude = _as_patterns(exclude, "exclude")
     if not include:
-        raise ValueError("include is empty: pass glob patterns such as ('*',) or ('model.layers.*',)")
+        raise UserError("include is empty: pass glob patterns such as ('*',) or ('model.layers.*',)")
 
     already = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
     if already:
-        raise ValueError(f"the model is already quantized ({len(already)} layers, e.g. {already[0]!r}): call dequantize_ first")
+        raise UserError(f"the model is already quantized ({len(already)} layers, e.g. {already[0]!r}): call dequantize_ first")
 
     linears = {n: m for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or is_conv1d(m))}
     embeddings = {n: m for n, m in model.named_modules() if n and isinstance(m, nn.Embedding)} if embedding else {}
     candidates = {**linears, **embeddings}
     if not candidates:
-        raise ValueError("the model has no nn.Linear / Conv1D layers to quantize")
+        raise UserError("the model has no nn.Linear / Conv1D layers to quantize")
 
     for kind, patterns in (("include", include), ("exclude", exclude if explicit_exclude else ())):
         for p in patterns:
             if not any(fnmatch.fnmatchcase(n, p) for n in candidates):
                 sample = ", ".join(list(candidates)[:5])
-                raise ValueError(f"{kind} pattern {p!r} matches no layer; layer names look like: {sample}, ...")
+                raise UserError(f"{kind} pattern {p!r} matches no layer; layer names look like: {sample}, ...")
     skip = set() if explicit_exclude else _output_head_names(model)
     targets = [n for n in candidates if _matches(n, include) and not _matches(n, exclude) and n not in skip]
     if not targets:
-        raise ValueError(f"include={include} and exclude={exclude} leave no layer to quantize")
+        raise UserError(f"include={include} and exclude={exclude} leave no layer to quantize")
 
     # Build and initialise every quantizer before touching the model.
     plan = []
@@ -132,7 +133,7 @@ def quantize_(
         module = candidates[name]
         w = module.weight
         if not torch.is_floating_point(w):
-            raise TypeError(f"{name}: weight has dtype {w.dtype}; only floating-point weights can be fake-quantized")
+            raise UserError(f"{name}: weight has dtype {w.dtype}; only floating-point weights can be fake-quantized")
         is_emb = name in embeddings
         wq = _build(embedding if is_emb else weight, "embedding" if is_emb else "weight")
         aq = None if is_emb else _build(activation, "activation")
@@ -141,8 +142,8 @@ def quantize_(
             wq.check(latent.shape, name)
             try:
                 wq.init_(latent)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
+            except UserError as e:  # NaN/inf in the weight: name the layer
+                raise UserError(f"{name}: {e}") from None
         plan.append((name, module, wq, aq, is_emb))
 
     for name, module, wq, aq, is_emb in plan:
@@ -158,11 +159,11 @@ def dequantize_(model: nn.Module) -> nn.Module:
     activation quantizers are dropped (a plain layer has no place for them).
 
     Raises:
-        ValueError: the model holds no quantized layer.
+        UserError: the model holds no quantized layer.
     """
     names = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
     if not names:
-        raise ValueError("the model holds no QuantLinear / QuantEmbedding layer: nothing to dequantize")
+        raise UserError("the model holds no QuantLinear / QuantEmbedding layer: nothing to dequantize")
     for name in names:
         _set_module(model, name, model.get_submodule(name).to_float())
     return model

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from qat.errors import UserError
+
 COMMON_LICENSES = Path("/usr/share/common-licenses")
 LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "LGPL-2.1", "CC0-1.0", "Artistic", "BSD")
 
@@ -42,7 +44,7 @@ def licenses_text(root: str | Path = COMMON_LICENSES) -> str:
     """The licences of ``LICENSES`` from Debian's ``/usr/share/common-licenses``, joined in that order.
 
     Raises:
-        FileNotFoundError: ``root`` or one of the licences is missing (not a Debian-based system):
+        UserError: ``root`` or one of the licences is missing (not a Debian-based system):
             the message names the fix (another local text file as the out-of-domain source).
 
     Example:
@@ -52,7 +54,7 @@ def licenses_text(root: str | Path = COMMON_LICENSES) -> str:
     root = Path(root)
     missing = [name for name in LICENSES if not (root / name).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise UserError(
             f"the out-of-domain text 'licenses' reads {', '.join(missing)} from {root} (Debian's package base-files), "
             "absent on this system: pass a local .txt file as the source instead (qat-train eval.ood=PATH)"
         )
@@ -66,10 +68,11 @@ def token_blocks(tokenizer, text: str, seq_len: int) -> torch.Tensor:
     """Tokenize ``text`` without special tokens and cut it into ``(n_blocks, seq_len)`` blocks (the tail dropped).
 
     Raises:
-        ValueError: the text holds fewer than ``seq_len`` tokens.
+        UserError: the text holds fewer than ``seq_len`` tokens.
     """
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     n = len(ids) // seq_len
     if n == 0:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than one block of seq_len={seq_len}")
+        raise UserError(f"the text has {len(ids)} tokens, fewer than one block of seq_len={seq_len}: "
+                        "use a longer text or a smaller seq_len")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)

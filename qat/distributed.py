@@ -20,6 +20,8 @@ import argparse
 import os
 import sys
 
+from qat.errors import UserError
+
 GPU = ("gpu", "cuda")
 
 
@@ -52,7 +54,7 @@ def processes_per_node(accelerator: str, devices) -> int:
     a list of GPU indices, or a string of either (``"2"``, ``"0,1"``).
 
     Raises:
-        ValueError: a count below 1 or a value of another type.
+        UserError: a count below 1 or a value of another type.
 
     Example:
         >>> processes_per_node("gpu", [0, 1]), processes_per_node("cpu", "2"), processes_per_node("cpu", "auto")
@@ -67,13 +69,13 @@ def processes_per_node(accelerator: str, devices) -> int:
         elif text.lstrip("-").isdigit():
             devices = int(text)
     if isinstance(devices, bool) or not isinstance(devices, (int, list, tuple)):
-        raise ValueError(f"trainer.devices={devices!r} is not a count, -1, 'auto' or a list of device indices")
+        raise UserError(f"trainer.devices={devices!r} is not a count, -1, 'auto' or a list of device indices")
     if isinstance(devices, (list, tuple)):
         return len(devices)
     if devices == -1:
         return max(local_devices(accelerator) or 1, 1) if accelerator in GPU else 1
     if devices < 1:
-        raise ValueError(f"trainer.devices={devices} must be at least 1 (or -1 / 'auto')")
+        raise UserError(f"trainer.devices={devices} must be at least 1 (or -1 / 'auto')")
     return devices
 
 
@@ -101,17 +103,17 @@ def check_launch(accelerator: str, devices, num_nodes: int = 1, *, sweep: bool =
         sweep: the run is a trial of a Hydra multirun.
 
     Raises:
-        ValueError: more processes on a node than it has devices; a launcher that started a
+        UserError: more processes on a node than it has devices; a launcher that started a
             different number of processes; Lightning-started processes inside a Hydra sweep.
 
     Example:
         >>> check_launch("cpu", 1)
         1
         >>> check_launch("gpu", 4)  # doctest: +SKIP
-        ValueError: trainer.devices=4 asks for 4 processes on this node but it has 0 CUDA GPUs ...
+        UserError: trainer.devices=4 asks for 4 processes on this node but it has 0 CUDA GPUs ...
     """
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
-        raise ValueError(f"trainer.num_nodes={num_nodes!r} must be an integer >= 1")
+        raise UserError(f"trainer.num_nodes={num_nodes!r} must be an integer >= 1")
     per_node = processes_per_node(accelerator, devices)
     have = local_devices(accelerator)
     if have is not None and per_node > have:
@@ -121,18 +123,18 @@ def check_launch(accelerator: str, devices, num_nodes: int = 1, *, sweep: bool =
             kind = "CUDA GPUs"
             hint = ("no CUDA device is visible: use trainer=cpu, or trainer=ddp_cpu for several CPU processes"
                     if have == 0 else "lower trainer.devices")
-        raise ValueError(f"trainer.devices={devices!r} asks for {per_node} processes on this node but it has {have} {kind} ({hint})")
+        raise UserError(f"trainer.devices={devices!r} asks for {per_node} processes on this node but it has {have} {kind} ({hint})")
     launched = launcher_processes()
     if launched is not None:
         name, total, local = launched
         if per_node != local or per_node * num_nodes != total:
-            raise ValueError(
+            raise UserError(
                 f"{name} started {total} processes ({local} on this node) but the trainer expects "
                 f"trainer.devices={devices!r} x trainer.num_nodes={num_nodes} = {per_node * num_nodes} ({per_node} per node): "
                 "pass the launcher's numbers (launch/torchrun.sh and launch/slurm.sbatch do)"
             )
     elif sweep and per_node * num_nodes > 1:
-        raise ValueError(
+        raise UserError(
             f"a Hydra sweep (-m) cannot run trials on {per_node * num_nodes} Lightning-started processes "
             f"(trainer.devices={devices!r}, trainer.num_nodes={num_nodes}): Lightning starts them by re-running "
             "the command line, which would re-run the whole sweep. Sweep with one process per trial "
@@ -153,25 +155,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nnodes", type=int, default=1)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from qat.train import CONFIGS
+    from qat.config import compose
 
     try:
-        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[o for o in args.overrides if not o.startswith("hydra.")])
+        cfg = compose([o for o in args.overrides if not o.startswith("hydra.")])
         trainer = cfg.trainer
         per_node = check_launch(trainer.accelerator, args.nproc_per_node, args.nnodes)
         expected = processes_per_node(trainer.accelerator, trainer.devices) * trainer.num_nodes
         if expected != per_node * args.nnodes:
-            raise ValueError(
+            raise UserError(
                 f"the launcher would start {args.nproc_per_node} x {args.nnodes} processes but the trainer expects "
                 f"trainer.devices={trainer.devices!r} x trainer.num_nodes={trainer.num_nodes}: pass "
                 f"trainer.devices={args.nproc_per_node} trainer.num_nodes={args.nnodes}"
             )
-    except (ValueError, HydraException, OmegaConfBaseException) as e:
+    except (UserError, HydraException, OmegaConfBaseException) as e:
         print(f"qat-train: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -11,7 +11,8 @@ rules, both in level units:
 * ``vjp(u, q, grad_q, lo, hi)``: the gradient with respect to ``u`` given the gradient with respect
   to ``q`` (a vector-Jacobian product, so rules that look at the incoming gradient, like EWGS,
   fit). It must be positively homogeneous in ``grad_q`` (``vjp(c g) = c vjp(g)`` for ``c > 0``),
-  which every rule here is: the fused kernel then feeds it the output gradient directly. Quantizers derive every other gradient (input, step size, offset) from it, so any estimator
+  which every rule here is: the fused kernel then feeds it the output gradient directly.
+  Quantizers derive every other gradient (input, step size, offset) from it, so any estimator
   plugs into any quantizer.
 
 Estimators whose forward is itself differentiable (DSQ, with its learnable temperature) set
@@ -30,6 +31,8 @@ import math
 
 import torch
 from torch import nn
+
+from qat.errors import UserError
 
 Bound = int | float | torch.Tensor
 
@@ -131,7 +134,7 @@ class EWGS(Estimator):
     def __init__(self, delta: float = 1e-3):
         super().__init__()
         if not delta >= 0:
-            raise ValueError(f"EWGS delta must be >= 0, got {delta}")
+            raise UserError(f"EWGS delta must be >= 0, got {delta}")
         self.delta = float(delta)
 
     def vjp(self, u, q, grad_q, lo, hi):
@@ -176,7 +179,7 @@ class AdditiveNoise(Estimator):
     def __init__(self, distribution: str = "uniform"):
         super().__init__()
         if distribution not in ("uniform", "gaussian"):
-            raise ValueError(f"AdditiveNoise distribution must be 'uniform' or 'gaussian', got {distribution!r}")
+            raise UserError(f"AdditiveNoise distribution must be 'uniform' or 'gaussian', got {distribution!r}")
         self.distribution = distribution
 
     def train_quantize(self, u, lo, hi):
@@ -216,7 +219,7 @@ class DSQ(Estimator):
     def __init__(self, alpha: float = 0.2):
         super().__init__()
         if not 0 < alpha < 1:
-            raise ValueError(f"DSQ alpha must lie in (0, 1), got {alpha}")
+            raise UserError(f"DSQ alpha must lie in (0, 1), got {alpha}")
         self.alpha = nn.Parameter(torch.tensor(float(alpha)))
 
     def train_quantize(self, u, lo, hi):

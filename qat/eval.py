@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from qat.errors import UserError
+
 
 @torch.no_grad()
 def perplexity(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
@@ -30,14 +32,14 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
     The model runs in eval mode (restored afterwards) on its own device.
 
     Raises:
-        ValueError: empty blocks or blocks shorter than 2 tokens.
+        UserError: empty blocks or blocks shorter than 2 tokens.
 
     Example:
         >>> perplexity(model, token_blocks(tokenizer, text, 256)[-8:])  # doctest: +SKIP
         17.3
     """
     if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
-        raise ValueError(f"blocks must be (n >= 1, seq_len >= 2) token ids, got shape {tuple(blocks.shape)}")
+        raise UserError(f"blocks must be (n >= 1, seq_len >= 2) token ids, got shape {tuple(blocks.shape)}")
     device = next(model.parameters()).device
     training = model.training
     model.eval()

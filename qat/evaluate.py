@@ -17,60 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-
-def _locate(path: Path) -> tuple[Path, Path]:
-    """(run directory, checkpoint) from either of them."""
-    if path.is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return run_dir, path
-    ckpt = path / "checkpoints" / "last.ckpt"
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"{path} has no checkpoints/last.ckpt: pass a run directory of qat-train or a .ckpt file")
-    return path, ckpt
-
-
-def load_config(run_dir: Path):
-    """The resolved config ``qat-train`` saved in ``run_dir``.
-
-    Raises:
-        FileNotFoundError: no ``config.yaml`` there.
-    """
-    from omegaconf import OmegaConf
-
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} is missing: the model is rebuilt from the config qat-train saved there")
-    return OmegaConf.load(cfg_file)
-
-
-def build_model(cfg, ckpt: Path | None, float_copy: bool = False):
-    """The run's model, quantized as in training, with the checkpoint's weights and quantizer state.
-
-    Returns:
-        ``(model, tokenizer, fp)``: ``fp`` is a float copy taken before quantization when
-        ``float_copy`` (a teacher), else None.
-    """
-    import copy
-
-    import torch
-    from hydra.utils import instantiate
-
-    import qat
-    from qat.models import load_model
-
-    model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, dtype=cfg.model.dtype)
-    fp = copy.deepcopy(model).eval() if float_copy else None
-    factories = {k: instantiate(cfg.quant[k]) for k in ("weight", "activation", "embedding") if cfg.quant.get(k) is not None}
-    qat.quantize_(model, include=list(cfg.quant.include), exclude=cfg.quant.exclude, **factories)
-    if cfg.get("adapter"):  # the run's adapters (qat.adapters), so that the checkpoint's keys have their places
-        instantiate(cfg.adapter).apply_(model)
-    if ckpt is not None:  # None: the run's quantized model at its start, before training
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    return model, tokenizer, fp
+from qat.errors import UserError, exit_on_user_error
 
 
 def lm_eval(model, tokenizer, tasks, **options) -> dict:
@@ -103,11 +52,12 @@ def evaluate(path: str | Path, source: str | None = None, seq_len: int | None = 
     ``qat.tasks.lm_eval``). A packed export directory is evaluated on ``tasks`` alone.
 
     Raises:
-        FileNotFoundError: no checkpoint or no ``config.yaml`` in its run directory.
-        ValueError: an export directory without ``tasks``; an unknown task.
+        UserError: no checkpoint or no ``config.yaml`` in its run directory; an export directory
+            without ``tasks``; an unknown task.
     """
-    from hydra.utils import instantiate
     from omegaconf import open_dict
+
+    from qat.config import build_model, load_run_config, locate_run, make
 
     if tasks:
         from qat.tasks import check_tasks
@@ -116,17 +66,17 @@ def evaluate(path: str | Path, source: str | None = None, seq_len: int | None = 
     path = Path(path)
     if (path / "quant_config.json").is_file():
         if not tasks:
-            raise ValueError(f"{path} is an export: evaluate it on tasks (--tasks ...); the held-out metric needs the run's checkpoint")
+            raise UserError(f"{path} is an export: evaluate it on tasks (--tasks ...); the held-out metric needs the run's checkpoint")
         return evaluate_export(path, tasks, **task_options)
-    run_dir, ckpt = _locate(path)
-    cfg = load_config(run_dir)
+    run_dir, ckpt = locate_run(path)
+    cfg = load_run_config(run_dir)
     with open_dict(cfg):
         for key, value in (("source", source), ("seq_len", seq_len), ("heldout_tokens", heldout_tokens)):
             if value is not None:
                 cfg.data[key] = value
-    objective = instantiate(cfg.module.objective)
+    objective = make(cfg.module.objective, "module.objective")
     model, tokenizer, fp = build_model(cfg, ckpt, float_copy=objective.needs_teacher)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule = make(cfg.data, "data", tokenizer=tokenizer)
     datamodule.setup("validate")
     value = objective.evaluate(model, list(datamodule.val_dataloader()), fp if fp is not None else model)
     result = {objective.metric: value, "checkpoint": str(ckpt), "data": str(cfg.data.source)}
@@ -152,9 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     options = {"include_path": args.include_path, "limit": args.limit, "num_fewshot": args.num_fewshot, "batch_size": args.batch_size}
     try:
         result = evaluate(args.path, args.source, args.seq_len, args.heldout_tokens, tasks=tasks, **options)
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
-        print(f"qat-eval: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except ImportError as e:  # lm-eval missing: its message says which extra to install
+        exit_on_user_error("qat-eval", UserError(str(e)))
+    except UserError as e:  # a mistake in the input: one line; anything else is a bug and keeps its traceback
+        exit_on_user_error("qat-eval", e)
     line = json.dumps(result)
     print(line)
     if args.out:

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qat.errors import UserError
+
 GRANULARITIES = ("tensor", "channel", "group", "token")
 SUPPORTED_BITS = range(2, 9)
 
@@ -44,7 +46,7 @@ class Grid:
         narrow: for signed grids, drop the most negative code so the range is symmetric.
 
     Raises:
-        ValueError: on a bit width outside 2..8, or ``narrow`` on an unsigned grid.
+        UserError: on a bit width outside 2..8, or ``narrow`` on an unsigned grid.
 
     Example:
         >>> Grid(4).lo, Grid(4).hi
@@ -59,15 +61,15 @@ class Grid:
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
-            raise ValueError(
+            raise UserError(
                 f"bits={self.bits!r} is not supported: use an integer from 2 to 8 "
                 "(or a Ternary quantizer for 1.58-bit weights)"
             )
         if self.narrow and not self.signed:
-            raise ValueError("narrow=True only applies to signed grids: drop narrow or set signed=True")
+            raise UserError("narrow=True only applies to signed grids: drop narrow or set signed=True")
 
     @classmethod
-    def ternary(cls) -> "Grid":
+    def ternary(cls) -> Grid:
         """The ternary grid {-1, 0, 1}."""
         return cls(2, signed=True, narrow=True)
 
@@ -90,13 +92,13 @@ def check_granularity(granularity: str, group_size: int | None) -> None:
     """Validate a granularity name and its group size (no tensor needed).
 
     Raises:
-        ValueError: unknown granularity, or a group granularity without a positive group size.
+        UserError: unknown granularity, or a group granularity without a positive group size.
     """
     if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
+        raise UserError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
     if granularity == "group":
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-            raise ValueError(f"granularity='group' needs a positive integer group_size, got {group_size!r}")
+            raise UserError(f"granularity='group' needs a positive integer group_size, got {group_size!r}")
 
 
 def valid_group_sizes(in_features: int) -> list[int]:
@@ -108,16 +110,16 @@ def check_shape(shape: torch.Size | tuple, granularity: str, group_size: int | N
     """Check that a weight of ``shape`` can be grouped; the message names the layer and the fix.
 
     Raises:
-        ValueError: a group size that does not divide ``in_features``, or a 1-D weight with
+        UserError: a group size that does not divide ``in_features``, or a 1-D weight with
             per-channel or per-group granularity.
     """
     check_granularity(granularity, group_size)
     if granularity in ("channel", "group") and len(shape) != 2:
-        raise ValueError(f"{name}: granularity={granularity!r} needs a 2-D weight (out, in), got shape {tuple(shape)}")
+        raise UserError(f"{name}: granularity={granularity!r} needs a 2-D weight (out, in), got shape {tuple(shape)}")
     if granularity == "group":
         in_features = shape[-1]
         if in_features % group_size:
-            raise ValueError(
+            raise UserError(
                 f"{name}: group_size={group_size} does not divide in_features={in_features}; "
                 f"valid group sizes: {valid_group_sizes(in_features)} (or granularity='channel')"
             )
@@ -138,7 +140,7 @@ def group_view(x: torch.Tensor, granularity: str, group_size: int | None = None)
         return x.reshape(x.shape[0], -1, group_size)
     if granularity == "token":
         return x.reshape(-1, 1, x.shape[-1])
-    raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
+    raise UserError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
 
 
 def param_shape(shape: torch.Size | tuple, granularity: str, group_size: int | None = None) -> tuple[int, int, int]:
@@ -149,4 +151,5 @@ def param_shape(shape: torch.Size | tuple, granularity: str, group_size: int | N
         return (shape[0], 1, 1)
     if granularity == "group":
         return (shape[0], shape[-1] // group_size, 1)
-    raise ValueError(f"granularity={granularity!r} has no fixed parameter shape (it depends on the input)")
+    raise UserError(f"granularity={granularity!r} has no fixed parameter shape (it depends on the input); "
+                    "per-weight parameters take granularity 'tensor', 'channel' or 'group'")

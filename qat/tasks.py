@@ -27,6 +27,8 @@ from pathlib import Path
 
 from torch import nn
 
+from qat.errors import UserError
+
 HEADLINE = ("acc_norm", "acc", "exact_match", "word_perplexity")  # the first one a task reports is its headline
 
 
@@ -35,12 +37,12 @@ def check_tasks(tasks: Sequence[str], include_path: str | Path | None = None) ->
 
     Raises:
         ImportError: lm-eval is not installed (``pip install 'qat[eval]'``).
-        ValueError: an empty list, or a task lm-eval does not know (names the closest known ones).
-        FileNotFoundError: ``include_path`` is not a folder.
+        UserError: an empty list, a task lm-eval does not know (names the closest known ones), or
+            an ``include_path`` that is not a folder.
     """
     tasks = [t.strip() for t in tasks if t and t.strip()]
     if not tasks:
-        raise ValueError("no task given: name lm-eval tasks, e.g. hellaswag,arc_easy,piqa,winogrande")
+        raise UserError("no task given: name lm-eval tasks, e.g. hellaswag,arc_easy,piqa,winogrande")
     manager = _task_manager(str(include_path) if include_path is not None else None)
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
@@ -49,7 +51,7 @@ def check_tasks(tasks: Sequence[str], include_path: str | Path | None = None) ->
 
         hints = {t: difflib.get_close_matches(t, known, n=3) for t in unknown}
         where = f" or in {include_path}" if include_path else " (a task of your own: pass its folder as include_path)"
-        raise ValueError(f"lm-eval knows no task {', '.join(unknown)}{where}; closest: {hints}")
+        raise UserError(f"lm-eval knows no task {', '.join(unknown)}{where}; closest: {hints}")
     return tasks
 
 
@@ -61,7 +63,7 @@ def _task_manager(include_path):
     except ImportError as e:
         raise ImportError("task accuracy needs lm-eval: pip install 'qat[eval]' (make install brings it)") from e
     if include_path is not None and not Path(include_path).is_dir():
-        raise FileNotFoundError(f"include_path {include_path} is not a folder of lm-eval task YAMLs")
+        raise UserError(f"include_path {include_path} is not a folder of lm-eval task YAMLs")
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     return TaskManager(include_path=str(include_path) if include_path is not None else None, verbosity="WARNING")
 
@@ -84,7 +86,8 @@ def lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str], *, include_path: 
         "higher_is_better": bool, "metrics": {every metric: value}}}``.
 
     Raises:
-        ImportError, ValueError, FileNotFoundError: as ``check_tasks``.
+        ImportError, UserError: as ``check_tasks``.
+        ValueError: lm-eval returned no numeric metric for a task.
 
     Example:
         >>> lm_eval(model, tokenizer, ["hellaswag", "arc_easy"], limit=200)  # doctest: +SKIP

@@ -1,6 +1,6 @@
 """``qat-train``: compose a run with Hydra, train it with Lightning, report FP / PTQ / QAT.
 
-    qat-train                                    # the main job: SmolLM2-135M, ternary + Tequila
+    qat-train                                    # the main job: SmolLM2-135M, ternary (SEQ g64), distilled
     qat-train recipe=smollm2_w4_lsq              # a named experiment (recipes/experiment/)
     qat-train recipe=smollm2_w3_lsq quant.weight.bits=2 trainer.max_steps=50
 
@@ -24,29 +24,24 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from qat.config import config_dir, make, register_recipes
+from qat.errors import UserError, exit_on_user_error
+
 log = logging.getLogger("qat.train")
-CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError, KeyError)
-
-
-class RunError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
 
 
 def prepare(cfg: DictConfig) -> dict:
     """Everything that needs no model: quantizer factories (dry-run built), output directory, wandb mode."""
-    from hydra.utils import instantiate
-
     check_trainer(cfg)
     check_forward_only(cfg)
     run_dir = Path(cfg.paths.output_dir)
     if (run_dir / "metrics.json").exists():
-        raise RunError(f"{run_dir} already holds a finished run (metrics.json); pick another hydra.run.dir")
+        raise UserError(f"{run_dir} already holds a finished run (metrics.json); pick another hydra.run.dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         os.rmdir(tempfile.mkdtemp(dir=run_dir, prefix=".write-test-"))  # a name of its own: every rank probes
     except OSError as e:
-        raise RunError(f"output directory {run_dir} is not writable ({e.strerror}); set hydra.run.dir to a writable path") from None
+        raise UserError(f"output directory {run_dir} is not writable ({e.strerror}); set hydra.run.dir to a writable path") from None
     if launch_rank() == 0:  # the ranks of a distributed run share the run directory
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)  # what qat-eval rebuilds the model from
     check_eval(cfg)
@@ -54,15 +49,29 @@ def prepare(cfg: DictConfig) -> dict:
     for key in ("weight", "activation", "embedding"):
         node = cfg.quant.get(key)
         if node is not None:
-            factory = instantiate(node)
+            factory = make(node, f"quant.{key}")
+            check_arguments(factory, f"quant.{key}")
             try:
                 factory()  # dry run: bad bits or granularity fail here, before the model loads
-            except (ValueError, TypeError) as e:
-                raise RunError(f"quant.{key}: {e}") from None
+            except UserError as e:
+                raise UserError(f"quant.{key}: {e}") from None
             quant[key] = factory
     if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
         os.environ["WANDB_MODE"] = "offline"
     return quant
+
+
+def check_arguments(factory, key: str) -> None:
+    """A config node's keys against the signature of the class it makes: a typo is a user's mistake, named here."""
+    import functools
+    import inspect
+
+    if not isinstance(factory, functools.partial):
+        return
+    try:
+        inspect.signature(factory.func).bind(*factory.args, **factory.keywords)
+    except TypeError as e:
+        raise UserError(f"{key}: {e}; see the settings of {factory.func.__module__}.{factory.func.__qualname__}") from None
 
 
 def launch_rank() -> int:
@@ -82,8 +91,8 @@ def check_trainer(cfg: DictConfig) -> None:
     sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         check_launch(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes, sweep=sweep)
-    except ValueError as e:
-        raise RunError(str(e)) from None
+    except UserError as e:
+        raise UserError(f"trainer: {e}") from None
 
 
 def check_forward_only(cfg: DictConfig) -> None:
@@ -93,16 +102,16 @@ def check_forward_only(cfg: DictConfig) -> None:
     if not getattr(get_class(cfg.module._target_), "forward_only", False):
         return
     if cfg.trainer.get("gradient_clip_val"):
-        raise RunError("module=zo trains forward-only, there is no gradient to clip: add trainer.gradient_clip_val=null")
+        raise UserError("module=zo trains forward-only, there is no gradient to clip: add trainer.gradient_clip_val=null")
     if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
-        raise RunError("module=zo trains forward-only: use optim.optimizer.n (seeds per step) instead of trainer.accumulate_grad_batches")
+        raise UserError("module=zo trains forward-only: use optim.optimizer.n (seeds per step) instead of trainer.accumulate_grad_batches")
     from qat.zo.perturb import check_options
 
     m = OmegaConf.to_container(cfg.module, resolve=True)
     try:
         check_options(m.get("perturbation", "auto"), m.get("share", "none"), m.get("scale"))
-    except ValueError as e:
-        raise RunError(f"module: {e}") from None
+    except UserError as e:
+        raise UserError(f"module: {e}") from None
 
 
 def check_eval(cfg: DictConfig) -> None:
@@ -118,24 +127,24 @@ def check_eval(cfg: DictConfig) -> None:
                 from qat.corpus import licenses_text
 
                 licenses_text()
-        except (ValueError, FileNotFoundError) as e:
-            raise RunError(f"eval.ood: {e} (eval.ood=null skips the out-of-domain text)") from None
+        except UserError as e:
+            raise UserError(f"eval.ood: {e} (eval.ood=null skips the out-of-domain text)") from None
     if cfg.eval.get("tasks"):
         from qat.tasks import check_tasks
 
         try:
             check_tasks(list(cfg.eval.tasks), cfg.eval.get("tasks_include"))
-        except (ImportError, ValueError, FileNotFoundError) as e:
-            raise RunError(f"eval.tasks: {e}") from None
+        except (ImportError, UserError) as e:  # ImportError: lm-eval is not installed (the message says how)
+            raise UserError(f"eval.tasks: {e}") from None
     if cfg.eval.get("fp_finetune"):
         if getattr(get_class(cfg.module._target_), "forward_only", False):
-            raise RunError("eval.fp_finetune trains the FP model with backprop; a forward-only run (module=zo) has no "
+            raise UserError("eval.fp_finetune trains the FP model with backprop; a forward-only run (module=zo) has no "
                            "such reference: set eval.fp_finetune=false")
         if cfg.module.objective._target_ != "qat.lit.objectives.CausalLM":
-            raise RunError(f"eval.fp_finetune is the causal-LM reference; {cfg.module.objective._target_} distills from "
+            raise UserError(f"eval.fp_finetune is the causal-LM reference; {cfg.module.objective._target_} distills from "
                            "the FP model itself: set eval.fp_finetune=false")
         if cfg.trainer.devices not in (1, "1") or cfg.trainer.num_nodes != 1:
-            raise RunError("eval.fp_finetune runs in one process; for a distributed run measure it in a one-process run "
+            raise UserError("eval.fp_finetune runs in one process; for a distributed run measure it in a one-process run "
                            "with the same recipe (trainer=cpu or trainer=gpu)")
 
 
@@ -151,9 +160,9 @@ def run(cfg: DictConfig) -> float:
     from hydra.utils import instantiate
 
     import qat
+    from qat.config import load, quantize
     from qat.fp_reference import cache_dir, fp_metric
     from qat.lit.checkpoint import AtomicCheckpointIO
-    from qat.models import load_model
     from qat.runtime import tune_malloc
     from qat.suite import add_tasks, gaps, summary
 
@@ -165,11 +174,11 @@ def run(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
 
-    model, tokenizer = load_model(cfg.model.name, task=cfg.model.task, dtype=cfg.model.dtype)
+    model, tokenizer = load(cfg)
     log.info("model %s loaded (%.1f s)", cfg.model.name, time.perf_counter() - t0)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule = make(cfg.data, "data", tokenizer=tokenizer)
     datamodule.setup("fit")
-    objective = instantiate(cfg.module.objective)
+    objective = make(cfg.module.objective, "module.objective")
     metric = objective.metric
     suite = build_suite(cfg, tokenizer, objective, list(datamodule.val_dataloader()))
     fp = copy.deepcopy(model).eval().requires_grad_(False)
@@ -202,18 +211,12 @@ def run(cfg: DictConfig) -> float:
     if suite.tasks or cfg.eval.get("fp_finetune"):  # lm-eval and the fine-tune draw random numbers (lm-eval seeds its own)
         L.seed_everything(cfg.seed, workers=True)  # so QAT starts alike with or without them
 
-    try:
-        qat.quantize_(model, weight=quant.get("weight"), activation=quant.get("activation"), embedding=quant.get("embedding"), include=list(cfg.quant.include), exclude=cfg.quant.exclude)
-    except (ValueError, TypeError) as e:
-        raise RunError(str(e)) from None
-    adapter = instantiate(cfg.adapter) if cfg.get("adapter") else None  # L4Q / LoRA / scale-only (qat.adapters)
-    if adapter is not None:
-        adapter.apply_(model)
+    adapter = quantize(cfg, model, quant)  # qat.quantize_, then the run's adapters (L4Q / LoRA / scale-only) or None
     if cfg.model.get("gradient_checkpointing"):  # recompute each block in the backward: activations shrink to block inputs
         if not getattr(model, "supports_gradient_checkpointing", False):
-            raise RunError(f"model.gradient_checkpointing=true: {type(model).__name__} does not support it; set it to false")
+            raise UserError(f"model.gradient_checkpointing=true: {type(model).__name__} does not support it; set it to false")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = instantiate(cfg.module, model=model, teacher=fp if objective.needs_teacher else None, objective=objective)
+    module = make(cfg.module, "module", model=model, teacher=fp if objective.needs_teacher else None, objective=objective)
     if metric == "ppl":  # the in-domain references of the perplexity curve
         module.reference_ppl = {name: metrics[f"ppl_{name}"] for name in ("fp", "fp_ft", "ptq") if f"ppl_{name}" in metrics}
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
@@ -284,23 +287,21 @@ def export_run(model, tokenizer, run_dir: Path, format: str, trainer) -> Path | 
     out = run_dir / ("export" if format == "packed" else f"export-{format}")
     try:
         return export_(model, out, format=format, tokenizer=tokenizer, overwrite=True)
-    except ValueError as e:
-        raise RunError(f"export: {e} (set export.enabled=false to skip the export)") from None
+    except UserError as e:
+        raise UserError(f"export: {e} (set export.enabled=false to skip the export)") from None
 
 
 def build_suite(cfg: DictConfig, tokenizer, objective, heldout: list):
     """The run's ``qat.suite.Suite``: its held-out split, the out-of-domain text (``eval.ood``), its tasks."""
-    from hydra.utils import instantiate
-
     from qat.suite import Suite
 
     ood = None
     if cfg.eval.get("ood"):
-        other = instantiate(cfg.data, tokenizer=tokenizer, source=cfg.eval.ood)
+        other = make(cfg.data, "eval.ood", tokenizer=tokenizer, source=cfg.eval.ood)
         try:
             other.setup("validate")
-        except ValueError as e:
-            raise RunError(f"eval.ood: {e}") from None
+        except UserError as e:
+            raise UserError(f"eval.ood: {e}") from None
         ood = list(other.val_dataloader())
     options = {"include_path": cfg.eval.get("tasks_include"), "limit": cfg.eval.get("tasks_limit"),
                "batch_size": cfg.eval.get("tasks_batch_size") or 4}
@@ -354,10 +355,7 @@ def fp_finetune(cfg: DictConfig, fp, datamodule, suite, tokenizer) -> dict:
         L.seed_everything(cfg.seed, workers=True)
         model = copy.deepcopy(fp).train().requires_grad_(True)
         objective = CausalLM(chunk_tokens=cfg.module.objective.get("chunk_tokens"))
-        try:
-            module = instantiate(cfg.module, model=model, teacher=None, objective=objective)
-        except ValueError as e:
-            raise RunError(f"eval.fp_finetune: {e}") from None
+        module = make(cfg.module, "eval.fp_finetune: module", model=model, teacher=None, objective=objective)
         trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False, limit_val_batches=0)
         trainer.fit(module, datamodule=datamodule)
         model = module.model.eval().requires_grad_(False)
@@ -375,18 +373,12 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIGS, config_name="train")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
-    except RunError as e:
-        print(f"qat-train: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except USER_ERRORS as e:
-        if os.environ.get("QAT_TRACEBACK") == "1":
-            raise
-        print(f"qat-train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except UserError as e:  # a mistake in the input: one line; anything else is a bug and keeps its traceback
+        exit_on_user_error("qat-train", e)
 
 
 def _check_output_parent(argv: list[str]) -> None:
@@ -410,6 +402,7 @@ def _check_output_parent(argv: list[str]) -> None:
 def cli() -> None:
     """Console entry point (``qat-train``)."""
     _check_output_parent(sys.argv[1:])
+    register_recipes()  # recipe=NAME and hparams_search=NAME (qat.config)
     main()
 
 

@@ -3,6 +3,7 @@
 import pytest
 
 from qat.corpus import COMMON_LICENSES, LICENSES, licenses_text, shipped_text
+from qat.errors import UserError
 
 
 @pytest.mark.skipif(not COMMON_LICENSES.is_dir(), reason="not a Debian-based system")
@@ -18,5 +19,5 @@ def test_licenses_are_joined_in_their_fixed_order_and_share_nothing_with_the_tra
 
 def test_a_system_without_the_licences_gets_the_fix(tmp_path):
     (tmp_path / "GPL-3").write_text("only one")
-    with pytest.raises(FileNotFoundError, match="Apache-2.0.*eval.ood=PATH"):
+    with pytest.raises(UserError, match="Apache-2.0.*eval.ood=PATH"):
         licenses_text(tmp_path)

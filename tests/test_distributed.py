@@ -17,16 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from qat import distributed
+from qat.config import compose, config_dir
 from qat.distributed import check_launch, processes_per_node
+from qat.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = str(ROOT / "configs")
 HELPERS = ROOT / "tests" / "distributed"
-TRAINERS = sorted(p.stem for p in (ROOT / "configs" / "trainer").glob("*.yaml"))
+TRAINERS = sorted(p.stem for p in (config_dir() / "trainer").glob("*.yaml"))
 HAS_CUDA = torch.cuda.is_available()
 CORES = len(os.sched_getaffinity(0))
 
@@ -38,8 +38,7 @@ RUN = ["recipe=smollm2_w4_lsq", "debug=fast", "logger=csv", "~callbacks.checkpoi
 
 
 def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose(overrides)
 
 
 def env(**extra: str) -> dict:
@@ -73,7 +72,7 @@ def test_every_trainer_config_builds_or_is_refused_clearly(name, tmp_path):
         trainer = instantiate(t, logger=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
         assert trainer.num_devices == processes_per_node(t.accelerator, t.devices)
     else:  # this machine has no GPU: the check refuses before anything starts, naming the way out
-        with pytest.raises(ValueError, match="0 CUDA GPUs.*trainer=ddp_cpu"):
+        with pytest.raises(UserError, match="0 CUDA GPUs.*trainer=ddp_cpu"):
             check_launch(t.accelerator, t.devices, t.num_nodes)
 
 
@@ -94,27 +93,27 @@ def test_processes_per_node_reads_lightnings_device_forms():
     assert processes_per_node("cpu", 2) == processes_per_node("cpu", "2") == 2
     assert processes_per_node("gpu", [0, 3]) == processes_per_node("gpu", "0,3") == 2
     assert processes_per_node("cpu", "auto") == processes_per_node("cpu", -1) == 1
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(UserError, match="at least 1"):
         processes_per_node("cpu", 0)
-    with pytest.raises(ValueError, match="not a count"):
+    with pytest.raises(UserError, match="not a count"):
         processes_per_node("cpu", 1.5)
 
 
 def test_check_launch_refuses_more_processes_than_devices_and_a_mismatched_launcher(monkeypatch):
     assert check_launch("cpu", CORES) == CORES
-    with pytest.raises(ValueError, match=f"asks for {CORES + 1} processes on this node but it has {CORES} CPU cores"):
+    with pytest.raises(UserError, match=f"asks for {CORES + 1} processes on this node but it has {CORES} CPU cores"):
         check_launch("cpu", CORES + 1)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert check_launch("cpu", 2, sweep=True) == 2  # torchrun started them: a sweep trial may use them
-    with pytest.raises(ValueError, match="torchrun started 2 processes .* trainer.devices=1"):
+    with pytest.raises(UserError, match="torchrun started 2 processes .* trainer.devices=1"):
         check_launch("cpu", 1)
 
 
 def test_check_launch_refuses_lightning_started_processes_in_a_sweep():
     assert check_launch("cpu", 1, sweep=True) == 1
-    with pytest.raises(ValueError, match="re-run the whole sweep"):
+    with pytest.raises(UserError, match="re-run the whole sweep"):
         check_launch("cpu", 2, sweep=True)
 
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from qat.errors import UserError
 from qat.estimators import (
     DSQ,
     EWGS,
@@ -120,7 +121,7 @@ def test_ewgs_normalises_by_the_grid_span():
 
 @pytest.mark.parametrize("delta", [-1e-3, float("nan")])
 def test_ewgs_bad_delta(delta):
-    with pytest.raises(ValueError, match="delta"):
+    with pytest.raises(UserError, match="delta"):
         EWGS(delta)
 
 
@@ -219,7 +220,7 @@ def test_additive_noise_clips_before_adding():
 
 
 def test_additive_noise_bad_distribution():
-    with pytest.raises(ValueError, match="distribution"):
+    with pytest.raises(UserError, match="distribution"):
         AdditiveNoise("laplace")
 
 
@@ -314,7 +315,7 @@ def test_dsq_backward_in_eval_is_clipped_ste():
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, 1.5])
 def test_dsq_bad_alpha(alpha):
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(UserError, match="alpha"):
         DSQ(alpha)
 
 

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from qat.errors import UserError
 from qat.grid import (
     GRANULARITIES,
     Grid,
@@ -56,18 +57,18 @@ def test_ternary():
 
 @pytest.mark.parametrize("bits", [0, 1, 9, 16, -4, 2.5, 4.0, True, False, "4", None])
 def test_bad_bits(bits):
-    with pytest.raises(ValueError, match="bits="):
+    with pytest.raises(UserError, match="bits="):
         Grid(bits)
 
 
 @pytest.mark.parametrize("bits", [0, 1, 9, 2.5, True])
 def test_bad_bits_unsigned(bits):
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         Grid(bits, signed=False)
 
 
 def test_narrow_unsigned_refused():
-    with pytest.raises(ValueError, match="narrow"):
+    with pytest.raises(UserError, match="narrow"):
         Grid(4, signed=False, narrow=True)
 
 
@@ -88,13 +89,13 @@ def test_check_granularity_accepts(granularity):
 def test_check_granularity_group():
     check_granularity("group", 32)
     for bad in (None, 0, -8, True, 8.0, "32"):
-        with pytest.raises(ValueError, match="group_size"):
+        with pytest.raises(UserError, match="group_size"):
             check_granularity("group", bad)
 
 
 @pytest.mark.parametrize("bad", ["row", "Channel", "", None, "per_tensor"])
 def test_check_granularity_unknown(bad):
-    with pytest.raises(ValueError, match="granularity"):
+    with pytest.raises(UserError, match="granularity"):
         check_granularity(bad, None)
 
 
@@ -107,7 +108,7 @@ def test_valid_group_sizes():
 
 
 def test_check_shape_message_names_layer_size_and_fixes():
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(UserError) as info:
         check_shape((16, 96), "group", 64, name="model.layers.0.self_attn.q_proj")
     msg = str(info.value)
     assert "model.layers.0.self_attn.q_proj" in msg
@@ -129,14 +130,14 @@ def test_check_shape_accepts_divisible():
 @pytest.mark.parametrize("granularity,gs", [("channel", None), ("group", 4)])
 def test_check_shape_needs_2d(granularity, gs):
     for shape in [(8,), (2, 4, 8)]:
-        with pytest.raises(ValueError, match="lm_head"):
+        with pytest.raises(UserError, match="lm_head"):
             check_shape(shape, granularity, gs, name="lm_head")
 
 
 def test_check_shape_validates_granularity():
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match='group_size'):
         check_shape((4, 8), "group", None)
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match='bogus'):
         check_shape((4, 8), "bogus", None)
 
 
@@ -173,7 +174,7 @@ def test_group_view_round_trip_and_is_a_view():
 
 
 def test_group_view_unknown():
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match='row'):
         group_view(torch.zeros(2, 2), "row")
 
 
@@ -185,9 +186,9 @@ def test_param_shape_matches_reduction():
 
 
 def test_param_shape_token_and_unknown():
-    with pytest.raises(ValueError, match="token"):
+    with pytest.raises(UserError, match="token"):
         param_shape((4, 8), "token")
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match='row'):
         param_shape((4, 8), "row")
 
 

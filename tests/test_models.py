@@ -2,11 +2,12 @@
 
 import json
 import time
+from pydoc_data.topics import topics
 
 import pytest
 import torch
-from pydoc_data.topics import topics
 
+from qat.errors import UserError
 from qat.models import EMBEDDED, _cache_root, _save_atomically, load_model
 
 # Real English text that ships with CPython: a section of the language reference, and its first sentence.
@@ -130,29 +131,29 @@ def test_dtype(dtype):
 
 @pytest.mark.parametrize("dtype", ["int8", "fp16", torch.int8, torch.float64])
 def test_bad_dtype_names_the_valid_ones(dtype):
-    with pytest.raises(ValueError, match="float32, bfloat16, float16"):
+    with pytest.raises(UserError, match="float32, bfloat16, float16"):
         load_model("all-minilm-l6-v2", dtype=dtype)
 
 
 def test_bad_task():
-    with pytest.raises(ValueError, match="causal-lm"):
+    with pytest.raises(UserError, match="causal-lm"):
         load_model("all-minilm-l6-v2", task="seq2seq")
 
 
 def test_unknown_name_lists_the_embedded_ones():
-    with pytest.raises(FileNotFoundError, match=r"'smollm2-360m'.*smollm2-135m, all-minilm-l6-v2.*HF_HUB_OFFLINE"):
+    with pytest.raises(UserError, match=r"'smollm2-360m'.*smollm2-135m, all-minilm-l6-v2.*HF_HUB_OFFLINE"):
         load_model("smollm2-360m")
 
 
 def test_missing_and_wrong_paths(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         load_model(str(tmp_path / "model.gguf"))
-    with pytest.raises(FileNotFoundError, match="no such model"):
+    with pytest.raises(UserError, match="no such model"):
         load_model(str(tmp_path / "nothing"))
-    with pytest.raises(FileNotFoundError, match="without a config.json"):
+    with pytest.raises(UserError, match="without a config.json"):
         load_model(str(tmp_path))
     (tmp_path / "weights.bin").write_bytes(b"")
-    with pytest.raises(ValueError, match="not a .gguf file"):
+    with pytest.raises(UserError, match="not a .gguf file"):
         load_model(str(tmp_path / "weights.bin"))
 
 

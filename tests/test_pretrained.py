@@ -8,6 +8,7 @@ import torch
 
 import qat
 from qat.corpus import shipped_text, token_blocks
+from qat.errors import UserError
 from qat.eval import perplexity
 from qat.quantizers import LSQ, MinMax, Ternary
 
@@ -65,7 +66,7 @@ def test_lsq_training_step_on_smollm2_moves_scales(smollm2, heldout):
 
 def test_group_size_128_is_refused_on_smollm2_naming_the_layer(smollm2):
     model = smollm2[0]
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj: group_size=128 does not divide in_features=576.*64"):
+    with pytest.raises(UserError, match=r"model\.layers\.0\.self_attn\.q_proj: group_size=128 does not divide in_features=576.*64"):
         qat.quantize_(model, weight=functools.partial(LSQ, bits=4, granularity="group", group_size=128), include=DECODER)
     assert not list(qat.quantized_layers(model))
 

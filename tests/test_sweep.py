@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from qat.config import compose
+from qat.errors import UserError
 from qat.sweep import summarize
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = str(ROOT / "configs")
 TINY = ["debug=fast", "logger=csv", "~callbacks.checkpoint", "eval.before=false", "data.seq_len=32", "data.batch_size=2",
         "data.eval_batch_size=2", "data.heldout_tokens=64", "threads=1"]
 
@@ -45,7 +45,7 @@ def test_summary_lists_every_trial_and_the_best(tmp_path):
     assert [t["status"] for t in summary["trials"]] == ["done", "done", "failed", "done", "done"]
     assert summary["best"] == {"trial": "10", "run_dir": str(tmp_path / "10"), "overrides": ["quant.weight.bits=8"], "ppl_qat": 11.0}
     assert summarize(tmp_path, direction="maximize")["best"]["trial"] == "0"  # NaN never wins
-    with pytest.raises(ValueError, match="direction"):
+    with pytest.raises(UserError, match="direction"):
         summarize(tmp_path, direction="lowest")
 
 
@@ -68,9 +68,8 @@ def test_a_sweep_over_a_missing_key_stops_before_any_trial(args, words, tmp_path
 
 
 def test_sweep_recipes_compose_with_their_sweepers():
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        optuna = compose(config_name="train", overrides=["hparams_search=smollm2_lsq_optuna"], return_hydra_config=True)
-        grid = compose(config_name="train", overrides=["hparams_search=smollm2_bits_grid"], return_hydra_config=True)
+    optuna = compose(["hparams_search=smollm2_lsq_optuna"], return_hydra_config=True)
+    grid = compose(["hparams_search=smollm2_bits_grid"], return_hydra_config=True)
     assert optuna.hydra.sweeper._target_.endswith("OptunaSweeper") and optuna.hydra.sweeper.sampler.seed == 0
     assert optuna.hydra.sweeper.sampler._target_ == "optuna.samplers.TPESampler"
     assert set(optuna.hydra.sweeper.params) == {"optim.optimizer.lr", "optim.quant_lr", "quant.weight.estimator._target_", "quant.weight.bits"}
@@ -83,8 +82,7 @@ def test_sweep_recipes_compose_with_their_sweepers():
 
 
 def test_slurm_launcher_config_composes_and_instantiates():
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm", "hydra.launcher.tasks_per_node=4"], return_hydra_config=True)
+    cfg = compose(["hydra/launcher=slurm", "hydra.launcher.tasks_per_node=4"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.gpus_per_node == 4 and launcher.signal_delay_s == 120

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from qat.errors import UserError
 from qat.tasks import _summary, check_tasks, lm_eval
 from tests.conftest import QUESTIONS
 
@@ -56,11 +57,11 @@ def test_a_quantized_model_is_evaluated_as_it_runs(smollm2, local_task):
 def test_unknown_tasks_and_folders_are_refused_before_any_model_work(local_task, tmp_path):
     folder, task = local_task
     assert check_tasks([f" {task} "], folder) == [task]
-    with pytest.raises(ValueError, match="no_such_task"):
+    with pytest.raises(UserError, match="no_such_task"):
         check_tasks(["no_such_task"], folder)
-    with pytest.raises(ValueError, match="no task given"):
+    with pytest.raises(UserError, match="no task given"):
         check_tasks([""])
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(UserError, match="not a folder"):
         check_tasks([task], tmp_path / "missing")
 
 

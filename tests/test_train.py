@@ -11,23 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from qat import train
+from qat.config import compose, config_dir, recipe_names, recipes_dir
+from qat.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = str(ROOT / "configs")
-RECIPES = sorted(p.stem for p in (ROOT / "recipes" / "experiment").glob("*.yaml"))
+RECIPES = recipe_names()
 # small data so that a step takes a fraction of a second on the real models
 LM_SMALL = ["data.seq_len=32", "data.batch_size=2", "data.eval_batch_size=2", "data.heldout_tokens=64"]
 SENT_SMALL = ["data.max_length=32", "data.batch_size=4", "data.heldout_sentences=8"]
 
 
 def cfg_for(overrides: list[str], run_dir: Path):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose(overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
     return cfg
@@ -54,7 +53,7 @@ def test_every_recipe_runs_a_few_steps(recipe, tmp_path):
 
 def test_recipes_open_with_their_command_and_result():
     for recipe in RECIPES:
-        text = (ROOT / "recipes" / "experiment" / f"{recipe}.yaml").read_text()
+        text = (recipes_dir() / "experiment" / f"{recipe}.yaml").read_text()
         head = text.split("defaults:")[0]
         assert "qat-train" in head or "make train" in head, recipe
         assert "Result:" in head, recipe
@@ -62,7 +61,7 @@ def test_recipes_open_with_their_command_and_result():
 
 def _group_options():
     # trainer options are tested in tests/test_distributed.py (the GPU ones are refused on a CPU-only machine)
-    for group in sorted(p for p in Path(CONFIGS).iterdir() if p.is_dir() and p.name not in ("hydra", "recipe", "hparams_search", "trainer")):
+    for group in sorted(p for p in config_dir().iterdir() if p.is_dir() and p.name not in ("hydra", "trainer")):
         for option in sorted(group.glob("*.yaml")):
             yield group.name, option.stem
 
@@ -113,7 +112,8 @@ def _csv_losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path):
-    common = ["recipe=smollm2_w4_lsq", "debug=fast", "logger=csv", "eval.before=false", *LM_SMALL, "trainer.deterministic=true", "callbacks.checkpoint.every_n_train_steps=2"]
+    common = ["recipe=smollm2_w4_lsq", "debug=fast", "logger=csv", "eval.before=false", *LM_SMALL, "trainer.deterministic=true",
+              "callbacks.checkpoint.every_n_train_steps=2"]
     full = tmp_path / "full"
     train.run(cfg_for([*common, "trainer.max_steps=4"], full))
     first = tmp_path / "first"  # stopped after 2 steps, same 4-step schedule
@@ -132,7 +132,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     from qat.evaluate import evaluate
 
     assert evaluate(full)["ppl"] == pytest.approx(m_full["ppl_qat"], rel=1e-6)
-    with pytest.raises(FileNotFoundError, match="last.ckpt"):
+    with pytest.raises(UserError, match="last.ckpt"):
         evaluate(tmp_path)
 
 
@@ -161,7 +161,7 @@ def test_a_finished_run_directory_is_never_overwritten(tmp_path):
     cfg = cfg_for(["recipe=smollm2_w4_lsq", "debug=fast", "logger=csv", "~callbacks.checkpoint", "eval.before=false", *LM_SMALL], tmp_path)
     train.run(cfg)
     before = (tmp_path / "metrics.json").read_text()
-    with pytest.raises(train.RunError, match="already holds a finished run"):
+    with pytest.raises(UserError, match="already holds a finished run"):
         train.run(cfg)
     assert (tmp_path / "metrics.json").read_text() == before
 
@@ -185,9 +185,10 @@ def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
         (["recipe=smollm2_w4_lsq", "eval.ood=/nonexistent/other.txt"], ["eval.ood", "/nonexistent/other.txt"]),
         (["recipe=smollm2_w4_lsq", "eval.tasks=[hellaswagg]"], ["eval.tasks", "hellaswagg", "hellaswag"]),
         (["recipe=smollm2_w4_zo_scales", "eval.fp_finetune=true"], ["eval.fp_finetune", "module=zo"]),
+        (["recipe=smollm2_w4_lsq", "+quant.weight.bitz=3"], ["quant.weight", "bitz", "qat.quantizers.lsq.LSQ"]),
     ],
     ids=["unknown-recipe", "mistyped-key", "bits-0", "missing-data", "group-size", "unwritable-dir", "missing-ood",
-         "unknown-task", "fp-finetune-forward-only"],
+         "unknown-task", "fp-finetune-forward-only", "unexpected-quantizer-setting"],
 )
 def test_cli_bad_input_is_one_clear_message(args, words, tmp_path):
     out = cli(*args, tmp_path=tmp_path)
@@ -198,14 +199,31 @@ def test_cli_bad_input_is_one_clear_message(args, words, tmp_path):
         assert w in err, (w, err[-3000:])
 
 
+def test_main_turns_a_user_error_into_one_line_and_lets_any_other_error_through(tmp_path, capsys, monkeypatch):
+    """Only ``qat.errors.UserError`` becomes ``qat-train: error: ...`` with status 2; an error that is not the
+    user's (here a TypeError from inside the run: the output directory is an int, which the config
+    system would never hand over) propagates with its traceback."""
+    monkeypatch.delenv("QAT_TRACEBACK", raising=False)
+    cfg = cfg_for(["recipe=smollm2_w4_lsq", "quant.weight.bits=0"], tmp_path / "user")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(cfg)  # Hydra's decorator passes a given config straight to the task function
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("qat-train: error: quant.weight:") and err.count("\n") == 1, err
+    cfg = cfg_for(["recipe=smollm2_w4_lsq"], tmp_path / "bug")
+    with open_dict(cfg):
+        cfg.paths.output_dir = 0
+    with pytest.raises(TypeError):
+        train.main(cfg)
+
+
 def test_a_run_exports_a_packed_model_that_reproduces_it(tmp_path):
     cfg = cfg_for(["recipe=smollm2_w4_lsq", "debug=fast", "logger=csv", "eval.before=false", "export.enabled=true", *LM_SMALL], tmp_path)
     train.run(cfg)
     assert json.loads((tmp_path / "metrics.json").read_text())["export"] == str(tmp_path / "export")
     import qat
-    from qat.evaluate import build_model, load_config
+    from qat.config import build_model, load_run_config
 
-    trained, tok, _ = build_model(load_config(tmp_path), tmp_path / "checkpoints" / "last.ckpt")
+    trained, tok, _ = build_model(load_run_config(tmp_path), tmp_path / "checkpoints" / "last.ckpt")
     loaded = qat.load_packed(tmp_path / "export")
     ids = tok("Packed weights, exactly as trained.", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -214,7 +232,8 @@ def test_a_run_exports_a_packed_model_that_reproduces_it(tmp_path):
 
 @pytest.mark.slow
 def test_export_can_be_switched_off(tmp_path):
-    cfg = cfg_for(["recipe=smollm2_w4_lsq", "debug=fast", "logger=csv", "~callbacks.checkpoint", "eval.before=false", "export.enabled=false", *LM_SMALL], tmp_path)
+    cfg = cfg_for(["recipe=smollm2_w4_lsq", "debug=fast", "logger=csv", "~callbacks.checkpoint", "eval.before=false", "export.enabled=false",
+                   *LM_SMALL], tmp_path)
     train.run(cfg)
     assert not (tmp_path / "export").exists() and "export" not in json.loads((tmp_path / "metrics.json").read_text())
 
@@ -271,5 +290,5 @@ def test_a_run_reports_both_texts_the_fp_fine_tune_and_tasks_and_qat_eval_repeat
     assert run["tasks"][task]["value"] == m["tasks"][task]["qat"]
     exported = evaluate(tmp_path / "a" / "export", tasks=[task], **options)
     assert exported["tasks"][task]["value"] == m["tasks"][task]["qat"]
-    with pytest.raises(ValueError, match="--tasks"):
+    with pytest.raises(UserError, match="--tasks"):
         evaluate(tmp_path / "a" / "export")

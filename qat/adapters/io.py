@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from qat.adapters.lora import ADAPTER, adapter_state, base_fingerprint
+from qat.errors import UserError
 
 META = "qat_adapter.json"
 PEFT_PREFIX = "base_model.model."
@@ -38,7 +39,7 @@ def save_adapters(model: nn.Module, path: str | Path) -> Path:
         ``path`` as a ``Path``.
 
     Raises:
-        ValueError: the model has no adapters.
+        UserError: the model has no adapters.
 
     Example:
         >>> save_adapters(model, "outputs/run/adapter")  # doctest: +SKIP
@@ -47,7 +48,7 @@ def save_adapters(model: nn.Module, path: str | Path) -> Path:
 
     state = adapter_state(model)
     if state is None:
-        raise ValueError("the model has no adapters to save: apply L4Q, LoRA or ScaleOnly first (or it was already merged)")
+        raise UserError("the model has no adapters to save: apply L4Q, LoRA or ScaleOnly first (or it was already merged)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if state["config"] is not None:
@@ -59,7 +60,8 @@ def save_adapters(model: nn.Module, path: str | Path) -> Path:
         config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None)
         config.save_pretrained(str(path))
     else:
-        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".weight_quantizer." in k}
+        tensors = {f"{name}.weight_quantizer.{k}": v.detach().contiguous() for name in state["targets"]
+                   for k, v in model.get_submodule(name).weight_quantizer.state_dict().items()}
         save_file(tensors, path / "scale_only.safetensors")
     if state["loftq"]:
         factors = {}
@@ -82,9 +84,8 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
         The same model with the adapters in place and their trained values loaded.
 
     Raises:
-        FileNotFoundError: ``path`` is not an adapter directory.
-        ValueError: the adapters were trained on another base model (layers, shapes or weights
-            differ), or the model already has adapters.
+        UserError: ``path`` is not an adapter directory; the adapters were trained on another base
+            model (layers, shapes or weights differ), or the model already has adapters.
 
     Example:
         >>> qat.quantize_(model, weight=...)  # the run's quant settings  # doctest: +SKIP
@@ -95,7 +96,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
 
     path = Path(path)
     if not (path / META).is_file():
-        raise FileNotFoundError(f"{path} is not an adapter directory ({META} missing): pass the directory save_adapters wrote")
+        raise UserError(f"{path} is not an adapter directory ({META} missing): pass the directory save_adapters wrote")
     meta = json.loads((path / META).read_text())
     _check_base(model, meta, path)
     spec = dict(meta["spec"])
@@ -124,30 +125,30 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
     _check_shapes(expected, tensors, path)
     result = set_peft_model_state_dict(model, tensors, adapter_name=ADAPTER)
     if result.unexpected_keys:
-        raise ValueError(f"{path} holds tensors this model has no place for (e.g. {result.unexpected_keys[0]!r}): it was saved from another model")
+        raise UserError(f"{path} holds tensors this model has no place for (e.g. {result.unexpected_keys[0]!r}): it was saved from another model")
     return model
 
 
 def _check_base(model: nn.Module, meta: dict, path: Path) -> None:
     if adapter_state(model) is not None:
-        raise ValueError("the model already has adapters: load adapters into a freshly quantized model")
+        raise UserError("the model already has adapters: load adapters into a freshly quantized model")
     names = dict(model.named_modules())
     missing = [n for n in meta["targets"] if n not in names]
     hint = "load them into the base model (and quant settings) they were trained on"
     if missing:
-        raise ValueError(f"the adapters in {path} were trained on another base model: it has no layer {missing[0]!r}; {hint}")
+        raise UserError(f"the adapters in {path} were trained on another base model: it has no layer {missing[0]!r}; {hint}")
     try:
         fingerprint = base_fingerprint(model, meta["targets"])
     except AttributeError:
-        raise ValueError(f"the adapters in {path} target {meta['targets'][0]!r}, which is not a quantized linear layer here; {hint}") from None
+        raise UserError(f"the adapters in {path} target {meta['targets'][0]!r}, which is not a quantized linear layer here; {hint}") from None
     if fingerprint != meta["fingerprint"]:
-        raise ValueError(f"the adapters in {path} were trained on another base model (layer shapes or weights differ); {hint}")
+        raise UserError(f"the adapters in {path} were trained on another base model (layer shapes or weights differ); {hint}")
 
 
 def _check_shapes(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
     for key, value in tensors.items():
         if key in expected and expected[key].shape != value.shape:
-            raise ValueError(
+            raise UserError(
                 f"{path}: {key} has shape {tuple(value.shape)} but the model expects {tuple(expected[key].shape)}: "
                 "the adapters were saved from another base model or adapter config"
             )

@@ -48,6 +48,7 @@ from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
+from qat.errors import UserError
 from qat.nn.linear import QuantLinear
 from qat.quantizers.base import Quantizer
 
@@ -125,21 +126,21 @@ def l4q_linear(
         True
     """
     if (a is None) != (b is None):
-        raise ValueError("pass both LoRA factors a and b, or neither")
+        raise UserError("pass both LoRA factors a and b, or neither")
     params = tuple(quantizer.parameters())
     return _L4QLinear.apply(x, w0, a, b, bias, float(scaling), quantizer, *params)
 
 
 def _check_base(base: nn.Module) -> QuantLinear:
     if not isinstance(base, QuantLinear) or base.weight_quantizer is None:
-        raise ValueError(
+        raise UserError(
             f"L4Q adapts quantized linear layers; got {type(base).__name__}: run qat.quantize_ with a weight "
             "quantizer on the target modules first (and keep adapter target_modules inside quant.include)"
         )
     if base.transposed:
-        raise ValueError("L4Q does not adapt transformers' Conv1D layers (weights stored (in, out)); target nn.Linear layers")
+        raise UserError("L4Q does not adapt transformers' Conv1D layers (weights stored (in, out)); target nn.Linear layers")
     if type(base.weight_quantizer).bias is not Quantizer.bias:
-        raise ValueError(
+        raise UserError(
             f"{type(base.weight_quantizer).__name__} adds a bias term to the layer, which L4Q's merged weight cannot "
             "carry; use a uniform quantizer (LSQ with offset=True is L4Q's)"
         )
@@ -158,7 +159,7 @@ class L4QLinear(LoraLinear):
         adapter_name, config, r, lora_alpha, kwargs: as peft passes them to custom LoRA layers.
 
     Raises:
-        ValueError: the base is not a weight-quantized ``QuantLinear``, ``lora_dropout > 0`` (the
+        UserError: the base is not a weight-quantized ``QuantLinear``, ``lora_dropout > 0`` (the
             adapter is part of the weight, there is no separate path to drop), DoRA or a LoRA bias.
 
     Example:
@@ -169,12 +170,12 @@ class L4QLinear(LoraLinear):
     def __init__(self, base_layer, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: int = 1, **kwargs):
         base = _check_base(base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer)
         if config.lora_dropout:
-            raise ValueError(
+            raise UserError(
                 f"L4Q merges the adapter into the weight before quantizing it, so lora_dropout={config.lora_dropout} "
                 "has no separate path to act on: set lora_dropout to 0"
             )
         if config.use_dora or config.lora_bias:
-            raise ValueError("L4Q supports plain LoRA factors only: set use_dora=False and lora_bias=False")
+            raise UserError("L4Q supports plain LoRA factors only: set use_dora=False and lora_bias=False")
         super().__init__(base_layer, adapter_name, config, r=r, lora_alpha=lora_alpha, **kwargs)
         self.lora_quantizer = nn.ModuleDict({adapter_name: base.weight_quantizer})
         self.joint = True  # False: the warm-up stage, adapter beside the quantized base
@@ -184,7 +185,8 @@ class L4QLinear(LoraLinear):
         if self.disable_adapters or self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         if len(active) > 1:
-            raise ValueError(f"L4Q quantizes one adapter into the weight; {len(active)} are active ({active})")
+            raise UserError(f"L4Q quantizes one adapter into the weight; {len(active)} are active ({active}): "
+                            "activate one with set_adapter(name)")
         name = active[0]
         base: QuantLinear = self.base_layer
         if base.act_quantizer is not None:
@@ -215,7 +217,7 @@ class L4QWarmup(L.Callback):
         steps: optimizer steps of the warm-up stage (0: joint from the first step).
 
     Raises:
-        ValueError: ``steps < 0``.
+        UserError: ``steps < 0``.
 
     Example:
         >>> trainer = lightning.Trainer(callbacks=[L4QWarmup(10)])  # doctest: +SKIP
@@ -223,7 +225,7 @@ class L4QWarmup(L.Callback):
 
     def __init__(self, steps: int):
         if steps < 0:
-            raise ValueError(f"L4Q warm-up steps={steps} must be >= 0")
+            raise UserError(f"L4Q warm-up steps={steps} must be >= 0")
         self.steps = int(steps)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -247,7 +249,7 @@ class L4Q:
         warmup_steps: optimizer steps of the warm-up stage (adapter beside the quantized base).
 
     Raises:
-        ValueError: see ``qat.adapters.lora.inject_``.
+        UserError: see ``qat.adapters.lora.inject_``.
 
     Example:
         >>> qat.quantize_(model, weight=partial(LSQ, bits=4, granularity="group", group_size=32, offset=True))  # doctest: +SKIP
@@ -258,7 +260,7 @@ class L4Q:
 
     def __init__(self, config: LoraConfig, warmup_steps: int = 0):
         if warmup_steps < 0:
-            raise ValueError(f"adapter.warmup_steps={warmup_steps} must be >= 0")
+            raise UserError(f"adapter.warmup_steps={warmup_steps} must be >= 0")
         self.config = config
         self.warmup_steps = int(warmup_steps)
 

@@ -37,6 +37,7 @@ import math
 import torch
 from torch import nn
 
+from qat.errors import UserError
 from qat.quantizers.base import Quantizer
 
 
@@ -88,7 +89,7 @@ def loftq(w: torch.Tensor, quantizer: Quantizer, r: int, scaling: float, iters: 
         the iteration stops and the best iterate's error fills the remaining entries.
 
     Raises:
-        ValueError: ``iters < 1`` or ``r`` above ``min(w.shape)``.
+        UserError: ``iters < 1`` or ``r`` above ``min(w.shape)``.
 
     Example:
         >>> from qat.quantizers import MinMax
@@ -98,9 +99,9 @@ def loftq(w: torch.Tensor, quantizer: Quantizer, r: int, scaling: float, iters: 
         True
     """
     if iters < 1:
-        raise ValueError(f"LoftQ needs iters >= 1, got {iters}")
+        raise UserError(f"LoftQ needs iters >= 1, got {iters}")
     if not 1 <= r <= min(w.shape):
-        raise ValueError(f"LoftQ rank r={r} must lie in [1, min{tuple(w.shape)}]")
+        raise UserError(f"LoftQ rank r={r} must lie in [1, min{tuple(w.shape)}]")
     w = w.detach().float()
     ba = torch.zeros_like(w)
     errors: list[float] = []

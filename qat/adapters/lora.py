@@ -28,6 +28,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
+from qat.errors import UserError
 from qat.nn.linear import QuantLinear
 
 ADAPTER = "default"
@@ -48,7 +49,7 @@ def match_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the quantized linear layers ``config.target_modules`` selects.
 
     Raises:
-        ValueError: the targets match no module, or match modules that are not quantized linear layers.
+        UserError: the targets match no module, or match modules that are not quantized linear layers.
     """
     quantized = _quant_linears(model)
     if config.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND:
@@ -56,13 +57,13 @@ def match_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     matched = [n for n, _ in model.named_modules() if n and check_target_module_exists(config, n)]
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in quantized})
     if not matched:
-        raise ValueError(
+        raise UserError(
             f"adapter target_modules={_show(config.target_modules)} match no layer of the model; the quantized layers "
             f"are named ...{', ...'.join(suffixes[:8])}: set adapter.config.target_modules to some of these"
         )
     plain = [n for n in matched if n not in quantized]
     if plain:
-        raise ValueError(
+        raise UserError(
             f"adapter target_modules={_show(config.target_modules)} match {len(plain)} layer(s) that are not quantized "
             f"(e.g. {plain[0]!r}); adapters here sit on quantized layers: narrow target_modules to "
             f"{', '.join(suffixes[:8])} or widen quant.include"
@@ -75,14 +76,14 @@ def _show(targets) -> str:
 
 
 def check_ranks(model: nn.Module, config: LoraConfig, names: Sequence[str]) -> None:
-    """Raise ValueError when a target's rank exceeds ``min(in_features, out_features)``."""
+    """Raise UserError when a target's rank exceeds ``min(in_features, out_features)``."""
     for name in names:
         layer = model.get_submodule(name)
         r, limit = _rank_of(config, name), min(layer.in_features, layer.out_features)
         if r < 1:
-            raise ValueError(f"adapter rank r={r} must be >= 1")
+            raise UserError(f"adapter rank r={r} must be >= 1")
         if r > limit:
-            raise ValueError(
+            raise UserError(
                 f"adapter rank r={r} is larger than min(in_features, out_features)={limit} of layer {name!r} "
                 f"({layer.in_features} -> {layer.out_features}): a rank-r product B @ A cannot exceed it; "
                 f"set adapter.config.r <= {limit}"
@@ -115,21 +116,21 @@ def inject_(model: nn.Module, config: LoraConfig, mode: str, layer_cls: type | N
         The same model, with only the adapter factors (and, for L4Q, quantizer parameters) trainable.
 
     Raises:
-        TypeError: ``config`` is not a ``LoraConfig``.
-        ValueError: the model already has adapters; targets that match nothing or unquantized layers;
-            a rank above a layer's smaller dimension; LoftQ bits that differ from the quantizer's.
+        UserError: ``config`` is not a ``LoraConfig``; the model already has adapters; targets that
+            match nothing or unquantized layers; a rank above a layer's smaller dimension; LoftQ bits
+            that differ from the quantizer's.
 
     Example:
         >>> inject_(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), "lora")  # doctest: +SKIP
     """
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"adapters are declared with a peft.LoraConfig, got {type(config).__name__}")
+        raise UserError(f"adapters are declared with a peft.LoraConfig, got {type(config).__name__}")
     if getattr(model, "_qat_adapter", None) is not None:
-        raise ValueError(f"the model already has {model._qat_adapter['mode']} adapters: merge_adapters_ it first")
+        raise UserError(f"the model already has {model._qat_adapter['mode']} adapters: merge_adapters_ it first")
     names = match_targets(model, config)
     check_ranks(model, config, names)
     if any(model.get_submodule(n).transposed for n in names):
-        raise ValueError("adapters on transformers' Conv1D layers (weights stored (in, out)) are not supported; target nn.Linear layers")
+        raise UserError("adapters on transformers' Conv1D layers (weights stored (in, out)) are not supported; target nn.Linear layers")
     iters = loftq_iterations(model, config, names) if loftq else 0
     fingerprint = base_fingerprint(model, names)
     cfg = copy.deepcopy(config)
@@ -164,12 +165,12 @@ def loftq_iterations(model: nn.Module, config: LoraConfig, names: Sequence[str])
         for name in names:
             q = model.get_submodule(name).weight_quantizer
             if q.grid.bits != int(bits):
-                raise ValueError(
+                raise UserError(
                     f"loftq_config.loftq_bits={bits} but layer {name!r} quantizes to {q.grid.bits} bits: LoftQ here "
                     f"uses the layer's own quantizer; set loftq_bits={q.grid.bits}"
                 )
     if iters < 1:
-        raise ValueError(f"loftq_config.loftq_iter={iters} must be >= 1")
+        raise UserError(f"loftq_config.loftq_iter={iters} must be >= 1")
     return iters
 
 
@@ -191,7 +192,7 @@ class LoRA:
         rtn: use round-to-nearest base quantizers (True) or keep the model's quantizers (False).
 
     Raises:
-        ValueError: see ``inject_``.
+        UserError: see ``inject_``.
 
     Example:
         >>> qat.quantize_(model, weight=partial(LSQ, bits=3, granularity="group", group_size=64))  # doctest: +SKIP

@@ -34,10 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.convert import _set_module
+from qat.errors import UserError
 from qat.grid import group_view
 from qat.nn.linear import QuantLinear
 from qat.quantizers.base import Codes, Quantizer, int_dtype
 from qat.quantizers.fake_quant import reduce_to, to_export_precision
+from qat.quantizers.minmax import MinMax
 
 
 class FrozenCodes(Quantizer):
@@ -52,7 +54,8 @@ class FrozenCodes(Quantizer):
         train_zero: train the zero point / offset too (it becomes a float).
 
     Raises:
-        ValueError: codes with a per-row bias term (Tequila), or a tensor of another shape than the codes.
+        UserError: codes with a per-row bias term (Tequila), or grouped unlike this quantizer.
+        ValueError: a tensor of another shape than the codes.
 
     Example:
         >>> q = FrozenCodes(bits=4, granularity="group", group_size=32).init_(torch.randn(8, 64))
@@ -68,18 +71,20 @@ class FrozenCodes(Quantizer):
         self.register_parameter("scale", None)
 
     @classmethod
-    def like(cls, quantizer: Quantizer, train_zero: bool = False) -> "FrozenCodes":
+    def like(cls, quantizer: Quantizer, train_zero: bool = False) -> FrozenCodes:
         """An empty ``FrozenCodes`` on ``quantizer``'s grid and grouping."""
         new = cls(granularity=quantizer.granularity, group_size=quantizer.group_size, train_zero=train_zero)
         new.grid = quantizer.grid
         return new
 
-    def set_codes_(self, codes: Codes) -> "FrozenCodes":
+    def set_codes_(self, codes: Codes) -> FrozenCodes:
         """Freeze ``codes`` (from any quantizer's ``codes(w)``); scale, zero and offset become its parameters."""
         if codes.bias is not None:
-            raise ValueError("codes with a per-row bias (Tequila) cannot be tuned scale-only: the bias depends on the latent weight")
+            raise UserError("codes with a per-row bias (Tequila) cannot be tuned scale-only: the bias depends on the latent weight; "
+                            "use adapter=lora or adapter=l4q, or a quantizer without the folded bias")
         if (codes.granularity, codes.group_size) != (self.granularity, self.group_size):
-            raise ValueError(f"codes grouped as {codes.granularity}/{codes.group_size}, this quantizer as {self.granularity}/{self.group_size}")
+            raise UserError(f"codes grouped as {codes.granularity}/{codes.group_size}, this quantizer as {self.granularity}/{self.group_size}: "
+                            "build the FrozenCodes with the granularity and group_size of the quantizer that made the codes")
         self._buffer("q", codes.codes.to(int_dtype(codes.lo, codes.hi)))
         self._param("scale", codes.scale)
         for name in ("zero", "offset"):
@@ -95,8 +100,11 @@ class FrozenCodes(Quantizer):
         self._ready = True
         return self
 
+    def rtn(self) -> MinMax:
+        return MinMax.like(self)
+
     @torch.no_grad()
-    def init_(self, x: torch.Tensor) -> "FrozenCodes":
+    def init_(self, x: torch.Tensor) -> FrozenCodes:
         """Freeze the round-to-nearest codes of ``x`` on this grid (``Quantizer.rtn()``)."""
         rtn = self.rtn().init_(x)
         return self.set_codes_(rtn.codes(x))
@@ -204,10 +212,10 @@ class ScaleOnlyLinear(QuantLinear):
         self.act_quantizer = act_quantizer
 
     @classmethod
-    def from_quant_linear(cls, layer: QuantLinear, train_zero: bool = False) -> "ScaleOnlyLinear":
+    def from_quant_linear(cls, layer: QuantLinear, train_zero: bool = False) -> ScaleOnlyLinear:
         """Freeze ``layer``'s codes as its quantizer computes them now (``codes(W)``)."""
         if layer.transposed:
-            raise ValueError("scale-only tuning of transformers' Conv1D layers is not supported; quantize nn.Linear layers")
+            raise UserError("scale-only tuning of transformers' Conv1D layers is not supported; quantize nn.Linear layers")
         src = layer.weight_quantizer
         fq = FrozenCodes.like(src, train_zero).set_codes_(src.codes(layer.latent_weight().detach()))
         return cls(fq, layer.bias, layer.act_quantizer)
@@ -244,8 +252,8 @@ class ScaleOnly:
             with ``init: minmax``).
 
     Raises:
-        ValueError: no quantized layer; a checkpoint from another model (missing or mis-shaped keys).
-        FileNotFoundError: a checkpoint path that does not exist.
+        UserError: no quantized layer; a checkpoint from another model (missing or mis-shaped keys);
+            a checkpoint path that does not exist.
 
     Example:
         >>> qat.quantize_(model, weight=partial(LSQ, bits=4, granularity="group", group_size=32, init="minmax"))  # doctest: +SKIP
@@ -260,10 +268,10 @@ class ScaleOnly:
 
     def apply_(self, model: nn.Module) -> nn.Module:
         if getattr(model, "_qat_adapter", None) is not None:
-            raise ValueError(f"the model already has {model._qat_adapter['mode']} adapters: merge_adapters_ it first")
+            raise UserError(f"the model already has {model._qat_adapter['mode']} adapters: merge_adapters_ it first")
         layers = {n: m for n, m in model.named_modules() if type(m) is QuantLinear and m.weight_quantizer is not None}
         if not layers:
-            raise ValueError("scale-only tuning needs quantized linear layers: run qat.quantize_ with a weight quantizer first")
+            raise UserError("scale-only tuning needs quantized linear layers: run qat.quantize_ with a weight quantizer first")
         if self.checkpoint is not None:
             load_run_checkpoint_(model, self.checkpoint)
         from qat.adapters.lora import base_fingerprint
@@ -289,13 +297,13 @@ def load_run_checkpoint_(model: nn.Module, path: str) -> None:
     """Load a ``qat-train`` checkpoint's model state (weights and quantizers) into ``model``.
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: the checkpoint belongs to another model or quantization (keys or shapes differ).
+        UserError: no such file, or the checkpoint belongs to another model or quantization (keys
+            or shapes differ).
     """
     import os
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"adapter.checkpoint={path!r} does not exist: pass a qat-train run's checkpoints/last.ckpt")
+        raise UserError(f"adapter.checkpoint={path!r} does not exist: pass a qat-train run's checkpoints/last.ckpt")
     state = torch.load(path, map_location="cpu", weights_only=False)
     state = state.get("state_dict", state)
     state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
@@ -305,7 +313,7 @@ def load_run_checkpoint_(model: nn.Module, path: str) -> None:
     shapes = [k for k in state if k in own and own[k].shape != state[k].shape]
     if missing or unexpected or shapes:
         example = (shapes or missing or unexpected)[0]
-        raise ValueError(
+        raise UserError(
             f"checkpoint {path} is from another base model or quantization ({len(missing)} missing, {len(unexpected)} "
             f"unexpected, {len(shapes)} mis-shaped keys, e.g. {example!r}): pass a checkpoint of a run with the same "
             "model and quant settings"

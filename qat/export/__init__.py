@@ -29,6 +29,7 @@ from pathlib import Path
 
 from torch import nn
 
+from qat.errors import UserError
 from qat.export.packed import QUANT_CONFIG, load_packed
 
 # The file-format table: format name -> module of this package that writes it.
@@ -54,9 +55,9 @@ def export_(model: nn.Module, out_dir: str | os.PathLike, format: str = "packed"
         ``out_dir`` as a Path.
 
     Raises:
-        ValueError: an unknown format; a model without quantized weights or with uninitialised
-            quantizers; a grid the format cannot represent (raised by the format's writer).
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        UserError: an unknown format; a model without quantized weights or with uninitialised
+            quantizers; a grid the format cannot represent (raised by the format's writer);
+            ``out_dir`` exists and ``overwrite`` is False.
 
     Example:
         >>> qat.export_(model, "out/w4", format="packed", tokenizer=tok)  # doctest: +SKIP
@@ -82,21 +83,21 @@ def _check(model: nn.Module, out_dir: Path, format: str, overwrite: bool):
     from qat.convert import quantized_layers
 
     if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; formats: {', '.join(FORMATS)}")
+        raise UserError(f"unknown export format {format!r}; formats: {', '.join(FORMATS)}")
     layers = [(n, m) for n, m in quantized_layers(model) if m.weight_quantizer is not None]
     if not layers:
-        raise ValueError(
+        raise UserError(
             "the model has no quantized weights to export: quantize it with qat.quantize_(model, weight=...) "
             "and train it (or load a qat-train checkpoint) first"
         )
     cold = [n for n, m in layers if not m.weight_quantizer._ready]
     if cold:
-        raise ValueError(
+        raise UserError(
             f"{len(cold)} weight quantizer(s) are not initialised (e.g. {cold[0]!r}): run a forward pass, "
             "call quantizer.init_(weight), or load the trained checkpoint's state dict before exporting"
         )
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"export directory {out_dir} already exists: pick another one or pass overwrite=True")
+        raise UserError(f"export directory {out_dir} already exists: pick another one or pass overwrite=True")
     return importlib.import_module(f"qat.export.{FORMATS[format]}")
 
 

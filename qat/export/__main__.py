@@ -13,17 +13,18 @@ again unchanged. User errors end in one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from qat.errors import UserError, exit_on_user_error
 
 
 def load_source(path: Path):
     """``(model, tokenizer, run_dir)`` from a run directory, a checkpoint or a packed export directory.
 
     Raises:
-        FileNotFoundError: ``path`` is none of these.
+        UserError: ``path`` is none of these.
     """
-    from qat.evaluate import _locate, build_model, load_config
+    from qat.config import build_model, load_run_config, locate_run
     from qat.export.packed import QUANT_CONFIG, load_packed, requantize_
 
     if path.is_dir() and (path / QUANT_CONFIG).is_file():
@@ -33,9 +34,9 @@ def load_source(path: Path):
         tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
         return model, tokenizer, None
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: pass a qat-train run directory, a .ckpt file or a packed export directory")
-    run_dir, ckpt = _locate(path)
-    model, tokenizer, _ = build_model(load_config(run_dir), ckpt)
+        raise UserError(f"{path} does not exist: pass a qat-train run directory, a .ckpt file or a packed export directory")
+    run_dir, ckpt = locate_run(path)
+    model, tokenizer, _ = build_model(load_run_config(run_dir), ckpt)
     return model.eval(), tokenizer, run_dir
 
 
@@ -46,17 +47,17 @@ def export_path(path: str | Path, format: str = "packed", out: str | Path | None
     for the others; re-exporting an export directory needs an explicit ``out``.
 
     Raises:
-        FileNotFoundError, FileExistsError, ValueError: see ``load_source`` and ``qat.export_``.
+        UserError: see ``load_source`` and ``qat.export_``.
     """
     from qat.export import FORMATS, export_
 
     if format not in FORMATS:  # before loading a model for nothing
-        raise ValueError(f"unknown export format {format!r}; formats: {', '.join(FORMATS)}")
+        raise UserError(f"unknown export format {format!r}; formats: {', '.join(FORMATS)}")
     path = Path(path)
     if out is None and (path / "quant_config.json").is_file():
-        raise ValueError(f"{path} is an export directory: pass --out for the new export")
+        raise UserError(f"{path} is an export directory: pass --out for the new export")
     if out is not None and Path(out).exists() and not overwrite:
-        raise FileExistsError(f"export directory {out} already exists: pick another --out or pass --overwrite")
+        raise UserError(f"export directory {out} already exists: pick another --out or pass --overwrite")
     model, tokenizer, run_dir = load_source(path)
     if out is None:
         out = run_dir / ("export" if format == "packed" else f"export-{format}")
@@ -77,9 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()  # errors are one line; loading bars would surround them
     try:
         out = export_path(args.path, args.format, args.out, args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
-        print(f"qat-export: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except UserError as e:  # a mistake in the input: one line; anything else is a bug and keeps its traceback
+        exit_on_user_error("qat-export", e)
     print(out)
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qat.errors import UserError
 from qat.nn.embedding import QuantEmbedding
 from qat.nn.linear import QuantLinear
 from qat.quantizers.base import Codes
@@ -65,7 +66,7 @@ def weight_args(codes: Codes, name: str = "layer") -> dict:
         ``{"num_bits", "type", "symmetric", "strategy", "group_size", "scale_dtype"}``.
 
     Raises:
-        ValueError: an offset, a non-integer zero point, a folded bias, or codes wider than 8 bits;
+        UserError: an offset, a non-integer zero point, a folded bias, or codes wider than 8 bits;
             the message says which settings would fit.
 
     Example:
@@ -75,23 +76,23 @@ def weight_args(codes: Codes, name: str = "layer") -> dict:
         False
     """
     if codes.offset is not None:
-        raise ValueError(f"{name}: an LSQ+ offset is not expressible as (q - z) * s; {FITS}")
+        raise UserError(f"{name}: an LSQ+ offset is not expressible as (q - z) * s; {FITS}")
     if codes.bias is not None:
-        raise ValueError(
+        raise UserError(
             f"{name}: Tequila's folded dead-zone bias has no place in a pack-quantized Llama Linear; "
             "export it as GGUF or in qat's packed format"
         )
     if codes.zero is not None and not torch.equal(codes.zero, codes.zero.round()):
-        raise ValueError(f"{name}: half-integer zero points (SEQ 2-bit) are not integer zero points; {FITS}")
+        raise UserError(f"{name}: half-integer zero points (SEQ 2-bit) are not integer zero points; {FITS}")
     symmetric = codes.zero is None
     if symmetric:
         bits = 4 if codes.lo >= -8 and codes.hi <= 7 else 8 if codes.lo >= -128 and codes.hi <= 127 else None
     else:
         bits = 4 if codes.lo >= 0 and codes.hi <= 15 else 8 if codes.lo >= 0 and codes.hi <= 255 else None
     if bits is None:
-        raise ValueError(f"{name}: codes in [{codes.lo}, {codes.hi}] need more than 8 bits; {FITS}")
+        raise UserError(f"{name}: codes in [{codes.lo}, {codes.hi}] need more than 8 bits; {FITS}")
     if codes.granularity not in _STRATEGY:
-        raise ValueError(f"{name}: granularity {codes.granularity!r} is not a weight granularity; {FITS}")
+        raise UserError(f"{name}: granularity {codes.granularity!r} is not a weight granularity; {FITS}")
     return {
         "num_bits": bits,
         "type": "int",
@@ -156,7 +157,7 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path) -> dict:
         "layers"}}}``: ``num_bits`` is the stored width, ``trained_bits`` the grid's.
 
     Raises:
-        ValueError: no quantized layer, a grid the format cannot hold exactly (see ``weight_args``),
+        UserError: no quantized layer, a grid the format cannot hold exactly (see ``weight_args``),
             a quantized embedding or activation quantizer.
         ImportError: compressed-tensors is not installed (``pip install 'qat[export]'``).
 
@@ -175,14 +176,15 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path) -> dict:
     layers: dict[str, tuple[Codes, tuple[int, int]]] = {}
     for name, m in model.named_modules():
         if isinstance(m, QuantEmbedding):
-            raise ValueError(f"{name}: pack-quantized quantizes Linear layers; keep the embeddings in float (exclude them)")
+            raise UserError(f"{name}: pack-quantized quantizes Linear layers; keep the embeddings in float (exclude them)")
         if getattr(m, "act_quantizer", None) is not None:
-            raise ValueError(f"{name} quantizes its input activations; the pack-quantized export is weight-only")
+            raise UserError(f"{name} quantizes its input activations; the pack-quantized export is weight-only: "
+                            "export with activation quantization switched off")
         if isinstance(m, QuantLinear) and m.weight_quantizer is not None:
             w = m.latent_weight().detach().float()
             layers[name] = (m.weight_quantizer.codes(w), tuple(w.shape))
     if not layers:
-        raise ValueError("the model holds no quantized Linear layer: nothing to export as pack-quantized")
+        raise UserError("the model holds no quantized Linear layer: nothing to export as pack-quantized")
 
     grouped = list(_groups(layers).values())
     groups, state, summary = {}, {}, {}

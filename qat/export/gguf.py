@@ -50,6 +50,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from torch import nn
 
+from qat.errors import UserError
 from qat.nn.embedding import QuantEmbedding
 from qat.nn.linear import QuantLinear
 from qat.quantizers.base import Codes
@@ -82,7 +83,7 @@ def ggml_type(codes: Codes, in_features: int, ternary: str = "TQ2_0", name: str 
         name: the layer name, for messages.
 
     Raises:
-        ValueError: no ggml type holds the grid; the message says which settings would fit.
+        UserError: no ggml type holds the grid; the message says which settings would fit.
 
     Example:
         >>> from qat.quantizers import LSQ
@@ -91,14 +92,14 @@ def ggml_type(codes: Codes, in_features: int, ternary: str = "TQ2_0", name: str 
         'Q4_0'
     """
     if ternary not in TERNARY_TYPES:
-        raise ValueError(f"ternary={ternary!r} is not one of {TERNARY_TYPES}")
+        raise UserError(f"ternary={ternary!r} is not one of {TERNARY_TYPES}")
     if codes.zero is not None:
-        raise ValueError(f"{name}: an asymmetric grid (zero point) has no exact GGUF type; {FITS}")
+        raise UserError(f"{name}: an asymmetric grid (zero point) has no exact GGUF type; {FITS}")
     if codes.offset is not None:
-        raise ValueError(f"{name}: an LSQ+ offset has no exact GGUF type; {FITS}")
+        raise UserError(f"{name}: an LSQ+ offset has no exact GGUF type; {FITS}")
     scale = codes.scale
     if not torch.equal(scale.half().float(), scale):
-        raise ValueError(
+        raise UserError(
             f"{name}: scales are not float16 values, and GGUF blocks store float16 scales; train "
             "with float16-rounded scales (qat's quantizers do) or re-initialise the quantizer"
         )
@@ -113,8 +114,8 @@ def ggml_type(codes: Codes, in_features: int, ternary: str = "TQ2_0", name: str 
         if _constant_per_block(codes, in_features, _BLOCK[qt]):
             return qt
     if in_features % _BLOCK[T.Q4_0]:
-        raise ValueError(f"{name}: in_features={in_features} does not split into 32-weight ggml blocks; {FITS}")
-    raise ValueError(
+        raise UserError(f"{name}: in_features={in_features} does not split into 32-weight ggml blocks; {FITS}")
+    raise UserError(
         f"{name}: the scale changes inside a 32-weight ggml block "
         f"(granularity={codes.granularity!r}, group_size={codes.group_size}); {FITS}"
     )
@@ -246,13 +247,14 @@ def _copy_metadata(writer: gguf.GGUFWriter, source: Path, config) -> None:
     n_tokens = None
     for name, value, vtype, sub in _source_fields(str(source.resolve()), source.stat().st_mtime_ns):
         if name in expect and value != expect[name]:
-            raise ValueError(f"the source GGUF file {source} has {name}={value}, the model {expect[name]}: not its source")
+            raise UserError(f"the source GGUF file {source} has {name}={value}, the model {expect[name]}: not its source")
         if name == gguf.Keys.Tokenizer.LIST:
             n_tokens = len(value)
         if name not in skip:
             writer.add_key_value(name, value, vtype, sub_type=sub)
     if n_tokens != config.vocab_size:
-        raise ValueError(f"the source GGUF file's tokenizer has {n_tokens} tokens, the model {config.vocab_size}")
+        raise UserError(f"the source GGUF file's tokenizer has {n_tokens} tokens, the model {config.vocab_size}: "
+                        "pass the GGUF file the model was loaded from as source=")
 
 
 def _tensors(model: nn.Module, ternary: str) -> list[tuple[str, np.ndarray, T | None]]:
@@ -269,7 +271,7 @@ def _tensors(model: nn.Module, ternary: str) -> list[tuple[str, np.ndarray, T | 
             continue  # a tied plain head: llama.cpp reuses token_embd when output.weight is absent
         n_head = heads.get(name.rsplit(".", 1)[-1])
         if getattr(module, "act_quantizer", None) is not None:
-            raise ValueError(
+            raise UserError(
                 f"{name} quantizes its input activations; GGUF is weight-only and llama.cpp quantizes "
                 "activations its own way: export with activation quantization switched off"
             )
@@ -313,7 +315,7 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path, *, ternary: str = "TQ2_0", 
         "quantized_bits_per_weight"}``.
 
     Raises:
-        ValueError: not a Llama model, no source GGUF file, a grid no GGUF type holds exactly (the
+        UserError: not a Llama model, no source GGUF file, a grid no GGUF type holds exactly (the
             message says which settings would), activation quantization, a mismatched source.
 
     Example:
@@ -324,10 +326,10 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path, *, ternary: str = "TQ2_0", 
     """
     cfg = model.config
     if getattr(cfg, "model_type", None) != "llama":
-        raise ValueError(f"GGUF export supports llama-architecture models; this one is {getattr(cfg, 'model_type', type(model).__name__)!r}")
+        raise UserError(f"GGUF export supports llama-architecture models; this one is {getattr(cfg, 'model_type', type(model).__name__)!r}")
     source = Path(source) if source is not None else source_gguf(model)
     if source is None or not source.is_file():
-        raise ValueError(
+        raise UserError(
             "GGUF export copies the tokenizer and hyperparameters from the GGUF file the model was loaded "
             "from; load the model with qat.models.load_model('<name or file>.gguf') or pass source=<file.gguf>"
         )
@@ -340,7 +342,8 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path, *, ternary: str = "TQ2_0", 
     for hf_name, array, qtype in tensors:
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise ValueError(f"{hf_name} has no GGUF tensor name in the llama architecture")
+            raise UserError(f"{hf_name} has no GGUF tensor name in the llama architecture: merge adapters "
+                            "(qat.adapters.merge_adapters_) and export a plain Llama model")
         if qtype is None:
             writer.add_tensor(gguf_name, array)
             types["F16" if array.dtype == np.float16 else "F32"] += 1

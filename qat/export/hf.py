@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from qat.convert import dequantize_
+from qat.errors import UserError
 
 BIAS_SWITCHES = ("attention_bias", "mlp_bias")  # config flags that give linear layers a bias
 
@@ -41,10 +42,11 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path) -> dict:
         ``{"architecture", "dtype", "layers"}`` for ``quant_config.json``.
 
     Raises:
-        ValueError: the model has no ``save_pretrained``, or it needs biases its architecture lacks.
+        UserError: the model has no ``save_pretrained``, or it needs biases its architecture lacks.
     """
     if not hasattr(model, "save_pretrained"):
-        raise ValueError("the hf format saves with transformers' save_pretrained: the model has none")
+        raise UserError("the hf format saves with transformers' save_pretrained: the model has none; "
+                        "export a transformers model (qat.models.load_model loads one)")
     from qat.convert import quantized_layers
 
     names = [n for n, _ in quantized_layers(model)]
@@ -68,7 +70,7 @@ def _make_room_for_biases(dense: nn.Module) -> None:
             setattr(dense.config, flag, True)
     expected = _state_keys(type(dense), dense.config)
     if ours - expected:
-        raise ValueError(
+        raise UserError(
             f"the hf format cannot represent this model: {type(dense).__name__} has no bias in "
             f"{sorted(ours - expected)[:3]} (Tequila's folded dead-zone bias goes there); use format='packed'"
         )

@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from qat.errors import UserError
+
 LAYOUTS = ("bits", "base3")
 
 
@@ -44,11 +46,11 @@ def packed_numel(numel: int, bits: int, layout: str = "bits") -> int:
 
 def _check_layout(bits: int, layout: str) -> None:
     if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+        raise UserError(f"layout={layout!r} is not one of {LAYOUTS}")
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits={bits!r}: packed fields are 1 to 8 bits wide")
+        raise UserError(f"bits={bits!r}: packed fields are 1 to 8 bits wide")
     if layout == "base3" and bits != 2:
-        raise ValueError("layout='base3' packs ternary codes (3 levels, bits=2)")
+        raise UserError("layout='base3' packs ternary codes (3 levels, bits=2)")
 
 
 def pack(codes: torch.Tensor, bits: int, lo: int, layout: str = "bits") -> torch.Tensor:
@@ -64,7 +66,7 @@ def pack(codes: torch.Tensor, bits: int, lo: int, layout: str = "bits") -> torch
         ``uint8`` tensor of ``packed_numel(codes.numel(), bits, layout)`` bytes.
 
     Raises:
-        ValueError: a code outside the range the fields hold, a bad width or layout.
+        UserError: a code outside the range the fields hold, a bad width or layout.
 
     Example:
         >>> pack(torch.tensor([-8, 7, 1]), 4, -8)  # 0 | 15 << 4, then 9 in the low nibble
@@ -74,9 +76,9 @@ def pack(codes: torch.Tensor, bits: int, lo: int, layout: str = "bits") -> torch
     t = codes.reshape(-1).to(torch.int16) - lo
     top = 2 if layout == "base3" else 2**bits - 1
     if t.numel() and (t.min() < 0 or t.max() > top):
-        raise ValueError(
+        raise UserError(
             f"codes span [{int(t.min()) + lo}, {int(t.max()) + lo}], outside [{lo}, {lo + top}] that "
-            f"{bits}-bit {layout!r} fields hold"
+            f"{bits}-bit {layout!r} fields hold; pass the bits and lo of the grid the codes came from"
         )
     return _pack_base3(t) if layout == "base3" else _pack_bits(t, bits)
 
@@ -85,7 +87,7 @@ def unpack(packed: torch.Tensor, bits: int, lo: int, numel: int, layout: str = "
     """Inverse of ``pack``: the first ``numel`` codes, 1-D, ``int16``.
 
     Raises:
-        ValueError: ``packed`` is not ``uint8`` or has a size other than ``packed_numel(numel, ...)``.
+        UserError: ``packed`` is not ``uint8`` or has a size other than ``packed_numel(numel, ...)``.
 
     Example:
         >>> unpack(torch.tensor([240, 9], dtype=torch.uint8), 4, -8, 3)
@@ -93,9 +95,10 @@ def unpack(packed: torch.Tensor, bits: int, lo: int, numel: int, layout: str = "
     """
     _check_layout(bits, layout)
     if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise ValueError(f"packed codes must be a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
+        raise UserError(f"packed codes must be a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
     if packed.numel() != packed_numel(numel, bits, layout):
-        raise ValueError(f"{packed.numel()} bytes cannot hold exactly {numel} {bits}-bit {layout!r} codes")
+        raise UserError(f"{packed.numel()} bytes cannot hold exactly {numel} {bits}-bit {layout!r} codes; "
+                        "pass the numel, bits and layout they were packed with")
     t = _unpack_base3(packed) if layout == "base3" else _unpack_bits(packed, bits)
     return t[:numel] + lo
 

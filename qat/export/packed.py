@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.convert import quantized_layers
+from qat.errors import UserError
 from qat.export.pack import pack, packed_numel, unpack
 from qat.nn.embedding import QuantEmbedding
 from qat.nn.linear import QuantLinear
@@ -65,13 +66,13 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path, ternary_layout: str = "base
         The metadata ``qat.export_`` writes to ``quant_config.json``: architecture, dtype, layers.
 
     Raises:
-        ValueError: the model has no ``config`` (not a transformers model), or a quantizer whose
+        UserError: the model has no ``config`` (not a transformers model), or a quantizer whose
             scales are not float16 values (it did not train at export precision).
     """
     from safetensors.torch import save_file
 
     if not hasattr(model, "config") or not hasattr(model.config, "save_pretrained"):
-        raise ValueError("the packed format rebuilds a transformers model from its config: model has no .config")
+        raise UserError("the packed format rebuilds a transformers model from its config: model has no .config")
     tensors, layers, skip = {}, {}, set()
     for name, layer in quantized_layers(model):
         skip.add(f"{name}.act_quantizer.")  # activation quantization is not exported (see pack_layer)
@@ -99,7 +100,7 @@ def pack_layer(name: str, layer: QuantLinear | QuantEmbedding, ternary_layout: s
     """``(spec, tensors)`` of one quantized layer: its codes packed, its scales in float16.
 
     Raises:
-        ValueError: scales or offsets that float16 does not hold exactly.
+        UserError: scales or offsets that float16 does not hold exactly.
     """
     embedding = isinstance(layer, QuantEmbedding)
     weight = layer.weight if embedding else layer.latent_weight()
@@ -141,7 +142,7 @@ def pack_layer(name: str, layer: QuantLinear | QuantEmbedding, ternary_layout: s
 def _float16(t: torch.Tensor, name: str, what: str) -> torch.Tensor:
     half = t.squeeze(-1).half().contiguous()
     if not torch.equal(half.float(), t.squeeze(-1).float()):
-        raise ValueError(
+        raise UserError(
             f"{name}: {what} are not float16 values, so a float16 export would not be exact; the quantizer "
             "must use qat.quantizers.fake_quant.to_export_precision (every qat quantizer does)"
         )
@@ -269,8 +270,8 @@ def load_packed(path: str | Path) -> nn.Module:
         The model, in eval mode.
 
     Raises:
-        FileNotFoundError: no ``quant_config.json`` or weights file in ``path``.
-        ValueError: the directory holds another format, or its tensors do not match the architecture.
+        UserError: no ``quant_config.json`` or weights file in ``path``, the directory holds another
+            format, or its tensors do not match the architecture.
 
     Example:
         >>> model = qat.load_packed("outputs/run/export")  # doctest: +SKIP
@@ -285,16 +286,20 @@ def load_packed(path: str | Path) -> nn.Module:
     path = Path(path)
     meta = read_quant_config(path)
     if meta.get("format") != "packed":
-        raise ValueError(f"{path} holds a {meta.get('format')!r} export, not a packed one: load it with its own runtime")
+        raise UserError(f"{path} holds a {meta.get('format')!r} export, not a packed one: load it with its own runtime")
     cls = getattr(transformers, meta["architecture"], None)
     if cls is None:
-        raise ValueError(f"{path}: transformers has no class {meta['architecture']!r} (installed version {transformers.__version__})")
+        raise UserError(f"{path}: transformers has no class {meta['architecture']!r} (installed version {transformers.__version__}); "
+                        "install the transformers version that exported it")
     config = transformers.AutoConfig.from_pretrained(path)
     with no_init_weights():
         model = cls(config)
     model.to(getattr(torch, meta["dtype"]))
     model.tie_weights()  # before the swap: a tied head keeps its own Parameter if the embedding is packed
-    state = load_file(str(path / meta["weights"]))
+    weights = path / meta["weights"]
+    if not weights.is_file():
+        raise UserError(f"{weights} is missing: {path} is an incomplete export; export the model again")
+    state = load_file(str(weights))
     for name, spec in meta["layers"].items():
         parts = {p: state.pop(f"{name}.{p}") for p in _PARTS if f"{name}.{p}" in state}
         if spec["kind"] == "embedding":
@@ -312,7 +317,8 @@ def _load_plain(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
     loaded = {own[k].data_ptr() for k in state}
     missing = [k for k in missing if k.rsplit(".", 1)[0] not in packed and own[k].data_ptr() not in loaded]
     if missing or unexpected:
-        raise ValueError(f"{path}: the weights do not match {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(f"{path}: the weights do not match {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+                        "the directory was changed after export: export the model again")
 
 
 def requantize_(model: nn.Module) -> nn.Module:
@@ -343,11 +349,11 @@ def read_quant_config(path: str | Path) -> dict:
     """The ``quant_config.json`` of an export directory.
 
     Raises:
-        FileNotFoundError: ``path`` is not an export directory.
+        UserError: ``path`` is not an export directory.
     """
     file = Path(path) / QUANT_CONFIG
     if not file.is_file():
-        raise FileNotFoundError(f"{path} is not a qat export directory: it has no {QUANT_CONFIG}")
+        raise UserError(f"{path} is not a qat export directory: it has no {QUANT_CONFIG}")
     return json.loads(file.read_text())
 
 

@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from qat.convert import quantized_layers
+from qat.errors import UserError
 from qat.grid import group_view
 
 METRICS = ("step", "zero_frac", "flip_frac", "clip_frac")
@@ -64,7 +65,8 @@ def layer_stats(layer: nn.Module, previous_codes: torch.Tensor | None = None) ->
         grids wider than 8 signed bits), to pass back as ``previous_codes`` next time.
 
     Raises:
-        ValueError: the layer has no weight quantizer, or ``previous_codes`` has another shape.
+        UserError: the layer has no weight quantizer.
+        ValueError: ``previous_codes`` has another shape than the layer's codes.
 
     Example:
         >>> from qat.nn import QuantLinear
@@ -77,7 +79,7 @@ def layer_stats(layer: nn.Module, previous_codes: torch.Tensor | None = None) ->
     """
     quantizer = getattr(layer, "weight_quantizer", None)
     if quantizer is None:
-        raise ValueError(f"{type(layer).__name__} has no weight quantizer: nothing to measure")
+        raise UserError(f"{type(layer).__name__} has no weight quantizer: nothing to measure; pass a layer of qat.quantized_layers(model)")
     w = _latent(layer).detach()
     c = quantizer.codes(w)
     w_hat = c.dequantize()
@@ -150,7 +152,7 @@ class QuantStats(L.Callback):
         histograms: also log W&B histograms.
 
     Raises:
-        ValueError: ``every_n_steps < 1``.
+        UserError: ``every_n_steps < 1``.
 
     Example:
         >>> trainer = lightning.Trainer(callbacks=[QuantStats(every_n_steps=50)], logger=WandbLogger())  # doctest: +SKIP
@@ -158,7 +160,7 @@ class QuantStats(L.Callback):
 
     def __init__(self, every_n_steps: int = 50, histograms: bool = True):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer")
+            raise UserError(f"every_n_steps={every_n_steps!r} must be a positive integer")
         self.every_n_steps = every_n_steps
         self.histograms = histograms
         self._previous: dict[str, torch.Tensor] = {}

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from qat.errors import UserError
+
 IGNORE_INDEX = -100
 
 
@@ -37,13 +39,13 @@ def _chunk_ce(head: torch.nn.Module, h: torch.Tensor, labels: torch.Tensor) -> t
 
 
 def check_chunkable(model) -> None:
-    """Raise ``ValueError`` when ``model``'s logits are not a plain head over the decoder's output."""
+    """Raise ``UserError`` when ``model``'s logits are not a plain head over the decoder's output."""
     config = getattr(model, "config", None)
     extras = [k for k in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale") if getattr(config, k, None) not in (None, 1, 1.0)]
     if extras:
-        raise ValueError(f"{type(model).__name__} post-processes its logits ({', '.join(extras)}): chunked loss would differ; set objective.chunk_tokens=null")
+        raise UserError(f"{type(model).__name__} post-processes its logits ({', '.join(extras)}): chunked loss would differ; set objective.chunk_tokens=null")
     if not hasattr(model, "get_decoder") or model.get_output_embeddings() is None:
-        raise ValueError(f"{type(model).__name__} has no decoder / output head pair; set objective.chunk_tokens=null")
+        raise UserError(f"{type(model).__name__} has no decoder / output head pair; set objective.chunk_tokens=null")
 
 
 def chunked_causal_lm_loss(model, input_ids: torch.Tensor, chunk: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,7 +61,7 @@ def chunked_causal_lm_loss(model, input_ids: torch.Tensor, chunk: int, attention
         The scalar loss, equal to ``model(input_ids, labels=input_ids).loss`` up to summation order.
     """
     if chunk <= 0:
-        raise ValueError(f"chunk={chunk} tokens must be > 0")
+        raise UserError(f"chunk={chunk} tokens must be > 0")
     check_chunkable(model)
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     head = model.get_output_embeddings()

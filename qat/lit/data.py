@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from qat.corpus import TEXTS
+from qat.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def stream_batch_indices(
         world_size: number of ranks sharing each global batch.
 
     Raises:
-        ValueError: ``n`` is smaller than one global batch, or a bad rank/size/start.
+        UserError: ``n`` is smaller than one global batch.
+        ValueError: a bad rank/size/start (a caller's bug).
 
     Example:
         >>> it = stream_batch_indices(10, 2, seed=0)
@@ -85,8 +87,9 @@ def stream_batch_indices(
     g = batch_size * world_size
     per_epoch = n // g
     if per_epoch == 0:
-        raise ValueError(
-            f"{n} training items are fewer than one global batch of {g} (batch_size={batch_size} x world_size={world_size})"
+        raise UserError(
+            f"{n} training items are fewer than one global batch of {g} (batch_size={batch_size} x world_size={world_size}); "
+            "use a larger corpus or a smaller batch_size"
         )
     epoch, perm = None, None
     for k in itertools.count(start):
@@ -112,7 +115,7 @@ class BatchStream(IterableDataset):
         start: the first global batch, or a callable returning it.
 
     Raises:
-        ValueError: as ``stream_batch_indices``, when iterated.
+        UserError, ValueError: as ``stream_batch_indices``, when iterated.
 
     Example:
         >>> stream = BatchStream(8, 2, lambda idx: {"i": torch.tensor(idx)})
@@ -147,7 +150,7 @@ class _Source:
 def resolve_source(source: str | os.PathLike) -> _Source:
     """Classify ``source`` without reading any data; every path error surfaces here."""
     if not isinstance(source, (str, os.PathLike)) or not str(source):
-        raise ValueError(f"source must be 'shipped', 'licenses', a file or folder path, or a hub dataset name; got {source!r}")
+        raise UserError(f"source must be 'shipped', 'licenses', a file or folder path, or a hub dataset name; got {source!r}")
     name = str(source)
     if name in TEXTS:
         return _Source(name, "text")
@@ -156,21 +159,21 @@ def resolve_source(source: str | os.PathLike) -> _Source:
     if path.is_file():
         builder = _BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"source {name!r}: unknown extension {path.suffix!r}; supported: {kinds}")
+            raise UserError(f"source {name!r}: unknown extension {path.suffix!r}; supported: {kinds}")
         return _Source(name, builder, (str(path),))
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
         if not files:
-            raise FileNotFoundError(f"source folder {name!r} holds no data files ({kinds})")
+            raise UserError(f"source folder {name!r} holds no data files ({kinds})")
         unknown = [p.name for p in files if p.suffix.lower() not in _BUILDERS]
         if unknown:
-            raise ValueError(f"source folder {name!r}: files with unknown extensions {unknown[:5]}; supported: {kinds}")
+            raise UserError(f"source folder {name!r}: files with unknown extensions {unknown[:5]}; supported: {kinds}")
         builders = {_BUILDERS[p.suffix.lower()] for p in files}
         if len(builders) > 1:
-            raise ValueError(f"source folder {name!r} mixes file types ({', '.join(sorted(builders))}); use one type per folder")
+            raise UserError(f"source folder {name!r} mixes file types ({', '.join(sorted(builders))}); use one type per folder")
         return _Source(name, builders.pop(), tuple(str(p) for p in files))
     if path.suffix.lower() in _BUILDERS or path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"source {name!r}: no such file or folder")
+        raise UserError(f"source {name!r}: no such file or folder")
     return _Source(name, None)  # a hub dataset name
 
 
@@ -191,7 +194,7 @@ def text_file(name: str = SHIPPED, cache_dir: str | os.PathLike | None = None) -
 
     Raises:
         OSError: the cache directory is not writable.
-        FileNotFoundError: ``"licenses"`` on a system without Debian's common licences.
+        UserError: ``"licenses"`` on a system without Debian's common licences.
 
     Example:
         >>> text_file("shipped").read_text() == shipped_text()  # doctest: +SKIP
@@ -234,7 +237,7 @@ def _load_documents(source: _Source, text_field: str, cache_dir: str | os.PathLi
         except (ConnectionError, FileNotFoundError) as e:
             why = ("this machine is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)" if _hub_offline()
                    else "the Hugging Face hub could not be reached or has no such dataset (is this machine offline?)")
-            raise FileNotFoundError(
+            raise UserError(
                 f"source {source.name!r} is not a local file or folder and could not be loaded as a hub dataset: {why}. "
                 f"Offline, use source='shipped' or a local {', '.join(_BUILDERS)} file or folder ({type(e).__name__}: {e})"
             ) from e
@@ -247,13 +250,13 @@ def _load_documents(source: _Source, text_field: str, cache_dir: str | os.PathLi
         ds = datasets.load_dataset(source.builder, data_files=list(source.files), split="train", cache_dir=hf_cache)
         column = text_field
     if column not in ds.column_names:
-        raise ValueError(f"source {source.name!r} has no field {column!r}; its fields are {ds.column_names}; set text_field")
+        raise UserError(f"source {source.name!r} has no field {column!r}; its fields are {ds.column_names}; set text_field")
     return ds, column
 
 
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+        raise UserError(f"{name} must be an integer >= {minimum}; got {value!r}")
 
 
 class _StreamingDataModule(L.LightningDataModule):
@@ -262,11 +265,11 @@ class _StreamingDataModule(L.LightningDataModule):
     def __init__(self, tokenizer, source, batch_size: int, seed: int, cache_dir, text_field: str):
         super().__init__()
         if tokenizer is None:
-            raise ValueError("tokenizer is required")
+            raise UserError("tokenizer is required: pass the model's tokenizer (qat.models.load_model returns it)")
         _check_int("batch_size", batch_size, 1)
         _check_int("seed", seed, 0)
         if not isinstance(text_field, str) or not text_field:
-            raise ValueError(f"text_field must be a non-empty column name; got {text_field!r}")
+            raise UserError(f"text_field must be a non-empty column name; got {text_field!r}")
         self.tokenizer, self.batch_size, self.seed, self.text_field = tokenizer, batch_size, seed, text_field
         self.cache_dir = cache_dir
         self._source = resolve_source(source)
@@ -284,7 +287,7 @@ class _StreamingDataModule(L.LightningDataModule):
         _, world = self._rank_world()
         need = self.batch_size * world
         if n_total - n_held < need:
-            raise ValueError(
+            raise UserError(
                 f"source {self.source!r} is too small: {n_total} {unit}{detail}, of which the held-out split takes "
                 f"the first {n_held}, leaving {max(n_total - n_held, 0)} for training; need at least {need} "
                 f"(batch_size={self.batch_size} x world_size={world}). Use a larger corpus or hold out less"
@@ -364,12 +367,11 @@ class TextDataModule(_StreamingDataModule):
             training); default all of them.
 
     Raises:
-        ValueError: ``seq_len < 2``, a held-out split under one block, other bad sizes, an empty
-            ``text_field``, an unknown file extension or a folder mixing types (at construction);
-            a JSON/Parquet/hub source without ``text_field`` (names its fields), or a corpus too
-            small for the held-out split plus one global batch (in ``setup``).
-        FileNotFoundError: a missing file or folder (at construction); a hub dataset that cannot
-            be loaded, e.g. offline (in ``setup``).
+        UserError: ``seq_len < 2``, a held-out split under one block, other bad sizes, an empty
+            ``text_field``, an unknown file extension, a folder mixing types or a missing file or
+            folder (at construction); a JSON/Parquet/hub source without ``text_field`` (names its
+            fields), a hub dataset that cannot be loaded, e.g. offline, or a corpus too small for
+            the held-out split plus one global batch (in ``setup``).
 
     Example:
         >>> dm = TextDataModule(tokenizer, seq_len=256, batch_size=4)  # doctest: +SKIP
@@ -415,7 +417,7 @@ class TextDataModule(_StreamingDataModule):
         """Load, tokenise and pack the corpus (from ``datasets``' cache when it is there) and split it.
 
         Raises:
-            ValueError: the corpus is too small for the held-out split plus one global batch.
+            UserError: the corpus is too small for the held-out split plus one global batch.
         """
         if self._train is None:
             blocks = self._build()
@@ -513,10 +515,9 @@ class SentenceDataModule(_StreamingDataModule):
         min_words: minimum number of plain words for a sentence to be kept, >= 1.
 
     Raises:
-        ValueError: bad sizes, a tokenizer without a pad token, and the source errors of
+        UserError: bad sizes, a tokenizer without a pad token, and the source errors of
             ``TextDataModule``; a corpus with too few sentences for the held-out set plus one
             global batch (in ``setup``).
-        FileNotFoundError: as for ``TextDataModule``.
 
     Example:
         >>> dm = SentenceDataModule(tokenizer, batch_size=32)  # doctest: +SKIP
@@ -533,7 +534,7 @@ class SentenceDataModule(_StreamingDataModule):
         _check_int("heldout_sentences", heldout_sentences, 1)
         _check_int("min_words", min_words, 1)
         if tokenizer is not None and tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (qat.models.load_model does)")
+            raise UserError("the tokenizer has no pad token; set tokenizer.pad_token (qat.models.load_model does)")
         super().__init__(tokenizer, source, batch_size, seed, cache_dir, text_field)
         self.max_length, self.heldout_sentences, self.min_words = max_length, heldout_sentences, min_words
         self._heldout = self._train = None
@@ -560,7 +561,7 @@ class SentenceDataModule(_StreamingDataModule):
         """Load, split, deduplicate and tokenise the corpus (cached by ``datasets``), then split it.
 
         Raises:
-            ValueError: too few sentences for the held-out set plus one global batch.
+            UserError: too few sentences for the held-out set plus one global batch.
         """
         detail = f" (with at least min_words={self.min_words} words, deduplicated)"
         if self._train is None:

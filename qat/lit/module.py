@@ -27,16 +27,9 @@ import torch
 from torch import nn
 
 from qat.convert import calibrate_, quantized_layers
+from qat.errors import UserError
 from qat.lit.objectives import CausalLM
-
-
-def param_group(name: str, param: nn.Parameter) -> str:
-    """Which optimizer group a parameter belongs to, from its qualified name."""
-    if "_quantizer." in name:
-        return "quant"
-    if "lora_" in name or ".adapter." in name:
-        return "adapter"
-    return "weights"
+from qat.roles import parameter_roles, quantizer_tensors
 
 
 def no_decay(name: str, param: nn.Parameter) -> bool:
@@ -61,7 +54,7 @@ class QATModule(L.LightningModule):
         freeze: glob patterns of parameter names to keep frozen (e.g. ``"model.embed_tokens.*"``).
 
     Raises:
-        ValueError: the objective needs a teacher and none is given; a freeze pattern that matches
+        UserError: the objective needs a teacher and none is given; a freeze pattern that matches
             nothing; nothing left to train.
 
     Example:
@@ -88,13 +81,13 @@ class QATModule(L.LightningModule):
         self.model = model
         self.objective = objective if objective is not None else CausalLM()
         if self.objective.needs_teacher and teacher is None:
-            raise ValueError(f"{type(self.objective).__name__} distills from the FP model: pass teacher=")
+            raise UserError(f"{type(self.objective).__name__} distills from the FP model: pass teacher=")
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.total_steps = int(total_steps)
         self.group_settings = {"quant": (quant_lr, quant_weight_decay), "adapter": (adapter_lr, adapter_weight_decay)}
         if quant_delay_steps < 0:
-            raise ValueError(f"quant_delay_steps={quant_delay_steps} must be >= 0")
+            raise UserError(f"quant_delay_steps={quant_delay_steps} must be >= 0")
         self.quant_delay_steps = int(quant_delay_steps)
         self._freeze(tuple(freeze))
         self.reference_ppl: dict = {}  # FP / PTQ perplexity for the curve plot (set by the caller)
@@ -107,12 +100,12 @@ class QATModule(L.LightningModule):
         names = [n for n, _ in self.model.named_parameters()]
         for p in patterns:
             if not any(fnmatch.fnmatchcase(n, p) for n in names):
-                raise ValueError(f"freeze pattern {p!r} matches no parameter; names look like {names[:3]}")
+                raise UserError(f"freeze pattern {p!r} matches no parameter; names look like {names[:3]}")
         for n, param in self.model.named_parameters():
             if any(fnmatch.fnmatchcase(n, p) for p in patterns):
                 param.requires_grad_(False)
         if not any(p.requires_grad for p in self.model.parameters()):
-            raise ValueError("no parameter requires a gradient: nothing to train")
+            raise UserError("no parameter requires a gradient: nothing to train; freeze fewer parameters (module.freeze)")
 
     # -- training ---------------------------------------------------------------------------
     def forward(self, **batch):
@@ -148,7 +141,7 @@ class QATModule(L.LightningModule):
         shards within a node and replicates across nodes (HSDP). Without a mesh nothing changes.
 
         Raises:
-            ValueError: the model names no unsplittable block to shard; activation quantizers still
+            UserError: the model names no unsplittable block to shard; activation quantizers still
                 to be initialised from data (that happens in ``on_fit_start``, after sharding).
         """
         from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -159,13 +152,13 @@ class QATModule(L.LightningModule):
 
         if any(getattr(layer, "act_quantizer", None) is not None and not layer.act_quantizer._ready
                for _, layer in quantized_layers(self.model)):
-            raise ValueError("trainer=fsdp shards the model before activation quantizers are calibrated on data, "
+            raise UserError("trainer=fsdp shards the model before activation quantizers are calibrated on data, "
                              "which it does not support yet: quantize activations with trainer=ddp (or quant.activation=null)")
 
         names = set(getattr(self.model, "_no_split_modules", None) or ())
         blocks = [m for m in self.model.modules() if type(m).__name__ in names]
         if not blocks:
-            raise ValueError(f"FSDP shards the model's blocks, but {type(self.model).__name__} declares none "
+            raise UserError(f"FSDP shards the model's blocks, but {type(self.model).__name__} declares none "
                              "(_no_split_modules): set it to the class names of its layers")
         for block in blocks:
             fully_shard(block, mesh=mesh)
@@ -175,9 +168,8 @@ class QATModule(L.LightningModule):
         """Make data-initialised quantizer parameters identical on every rank (rank 0's)."""
         if self.trainer.world_size <= 1:
             return
-        for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
-            if "_quantizer." in name:
-                t.data.copy_(self.trainer.strategy.broadcast(t.data, src=0))
+        for t in quantizer_tensors(self.model):
+            t.data.copy_(self.trainer.strategy.broadcast(t.data, src=0))
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         if self.quant_delay_steps:
@@ -206,11 +198,12 @@ class QATModule(L.LightningModule):
 
     # -- optimisation -----------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:
-        """Optimizer groups: (weights, quant, adapter) x (decayed, not decayed), empty ones dropped."""
+        """Optimizer groups: (weights, quant, adapter) x (decayed, not decayed), empty ones dropped (roles: ``qat.roles``)."""
         groups: dict[tuple[str, bool], list] = {}
+        roles = parameter_roles(self.model)
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                kind = param_group(name, p)
+                kind = roles[name]
                 groups.setdefault((kind, kind == "weights" and not no_decay(name, p)), []).append(p)
         out = []
         for (kind, decay), params in sorted(groups.items()):
@@ -229,7 +222,7 @@ class QATModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameter_groups())
         if getattr(optimizer, "forward_only", False) and self.automatic_optimization:
-            raise ValueError(f"{type(optimizer).__name__} is a forward-only optimizer: use it with module=zo")
+            raise UserError(f"{type(optimizer).__name__} is a forward-only optimizer: use it with module=zo")
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=self.total_steps)

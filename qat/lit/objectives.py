@@ -21,6 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from qat.errors import UserError
+
 
 class CausalLM:
     """Causal-LM loss with optional logit distillation.
@@ -34,7 +36,7 @@ class CausalLM:
             needs the full logits and ignores it.
 
     Raises:
-        ValueError: ``kd_weight`` outside [0, 1], ``temperature <= 0`` or ``chunk_tokens <= 0``.
+        UserError: ``kd_weight`` outside [0, 1], ``temperature <= 0`` or ``chunk_tokens <= 0``.
     """
 
     metric = "ppl"
@@ -42,12 +44,12 @@ class CausalLM:
 
     def __init__(self, kd_weight: float = 0.0, temperature: float = 1.0, chunk_tokens: int | None = None):
         if chunk_tokens is not None and chunk_tokens <= 0:
-            raise ValueError(f"chunk_tokens={chunk_tokens} must be > 0, or null for the full logits")
+            raise UserError(f"chunk_tokens={chunk_tokens} must be > 0, or null for the full logits")
         self.chunk_tokens = chunk_tokens
         if not 0 <= kd_weight <= 1:
-            raise ValueError(f"kd_weight={kd_weight} must lie in [0, 1]")
+            raise UserError(f"kd_weight={kd_weight} must lie in [0, 1]")
         if not temperature > 0:
-            raise ValueError(f"temperature={temperature} must be > 0")
+            raise UserError(f"temperature={temperature} must be > 0")
         self.kd_weight, self.temperature = float(kd_weight), float(temperature)
 
     @property
@@ -121,5 +123,5 @@ class EmbeddingDistill:
         finally:
             model.train(training)
         if n == 0 or not math.isfinite(total):
-            raise ValueError("no held-out sentences to evaluate")
+            raise UserError("no held-out sentences to evaluate: the held-out batches are empty; check data.source and data.heldout_sentences")
         return total / n

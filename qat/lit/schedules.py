@@ -18,14 +18,16 @@ from functools import partial
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from qat.errors import UserError
+
 
 def _check(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> None:
     if total_steps < 1:
-        raise ValueError(f"a schedule needs total_steps >= 1, got {total_steps} (set trainer.max_steps)")
+        raise UserError(f"a schedule needs total_steps >= 1, got {total_steps} (set trainer.max_steps)")
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"warmup_steps={warmup_steps} must lie in [0, total_steps={total_steps}]")
+        raise UserError(f"warmup_steps={warmup_steps} must lie in [0, total_steps={total_steps}]")
     if not 0 <= min_lr_ratio <= 1:
-        raise ValueError(f"min_lr_ratio={min_lr_ratio} must lie in [0, 1]")
+        raise UserError(f"min_lr_ratio={min_lr_ratio} must lie in [0, 1]")
 
 
 def _warmup(step: int, warmup_steps: int) -> float | None:
@@ -79,7 +81,7 @@ def wsd(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ra
     """Warmup-stable-decay schedule (see the module docstring)."""
     _check(total_steps, warmup_steps, min_lr_ratio)
     if not 0 < decay_fraction <= 1:
-        raise ValueError(f"decay_fraction={decay_fraction} must lie in (0, 1]")
+        raise UserError(f"decay_fraction={decay_fraction} must lie in (0, 1]")
     fn = partial(wsd_factor, total_steps=total_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, decay_fraction=decay_fraction)
     return LambdaLR(optimizer, fn)
 

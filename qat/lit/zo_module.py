@@ -18,8 +18,10 @@ import math
 
 import torch
 
-from qat.lit.module import QATModule, param_group
-from qat.zo.perturb import ROLES, Perturbation, check_options
+from qat.errors import UserError
+from qat.lit.module import QATModule
+from qat.roles import ROLES, parameter_roles
+from qat.zo.perturb import Perturbation, check_options
 from qat.zo.spsa import ZOSGD
 
 
@@ -37,7 +39,7 @@ class ZOModule(QATModule):
         scale: per-role multipliers of the directions (``{adapter: 0.05}``; ``qat.zo.perturb``).
 
     Raises:
-        ValueError: an unknown role, no parameter of the chosen roles, an optimizer that is not
+        UserError: an unknown role, no parameter of the chosen roles, an optimizer that is not
             ``ZOSGD``.
 
     Example:
@@ -55,13 +57,14 @@ class ZOModule(QATModule):
         roles = tuple(train)
         unknown = [r for r in roles if r not in ROLES]
         if unknown or not roles:
-            raise ValueError(f"module.train={list(roles)}: choose roles among {list(ROLES)}")
+            raise UserError(f"module.train={list(roles)}: choose roles among {list(ROLES)}")
+        role = parameter_roles(self.model)
         for name, p in self.model.named_parameters():
-            if param_group(name, p) not in roles:
+            if role[name] not in roles:
                 p.requires_grad_(False)
         if not any(p.requires_grad for p in self.model.parameters()):
-            kinds = sorted({param_group(n, p) for n, p in self.model.named_parameters()})
-            raise ValueError(f"module.train={list(roles)} matches no trainable parameter; this model has {kinds}")
+            kinds = sorted(set(role.values()))
+            raise UserError(f"module.train={list(roles)} matches no trainable parameter; this model has {kinds}")
         check_options(perturbation, share, scale)  # at construction, not first at configure_optimizers
         self.perturbation_mode, self.share, self.scale = perturbation, share, scale
         self.perturbation: Perturbation | None = None
@@ -71,7 +74,7 @@ class ZOModule(QATModule):
         config = super().configure_optimizers()
         optimizer = config["optimizer"] if isinstance(config, dict) else config
         if not isinstance(optimizer, ZOSGD):
-            raise ValueError(f"module=zo trains forward-only and needs optim=zo_sgd, got {type(optimizer).__name__}")
+            raise UserError(f"module=zo trains forward-only and needs optim=zo_sgd, got {type(optimizer).__name__}")
         optimizer.attach(self.perturbation)
         return config
 

@@ -32,7 +32,7 @@ class QuantEmbedding(nn.Embedding):
         self.weight_quantizer = weight_quantizer
 
     @classmethod
-    def from_float(cls, module: nn.Embedding, weight_quantizer: Quantizer) -> "QuantEmbedding":
+    def from_float(cls, module: nn.Embedding, weight_quantizer: Quantizer) -> QuantEmbedding:
         """Wrap ``module`` (sharing its table) and initialise the quantizer from it."""
         if not weight_quantizer._ready:
             weight_quantizer.init_(module.weight)

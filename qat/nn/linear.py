@@ -52,7 +52,7 @@ class QuantLinear(nn.Linear):
         self.act_quantizer = act_quantizer
 
     @classmethod
-    def from_float(cls, module: nn.Module, weight_quantizer: Quantizer | None, act_quantizer: Quantizer | None = None) -> "QuantLinear":
+    def from_float(cls, module: nn.Module, weight_quantizer: Quantizer | None, act_quantizer: Quantizer | None = None) -> QuantLinear:
         """Wrap an ``nn.Linear`` or ``Conv1D``, sharing its Parameters; initialise the weight quantizer."""
         transposed = is_conv1d(module)
         layer = cls(module.weight, module.bias, weight_quantizer, act_quantizer, transposed)

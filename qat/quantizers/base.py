@@ -15,11 +15,13 @@ Subclasses implement ``_init(g)``, ``_fake_quant(g)`` and ``_codes(g)`` on the g
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from qat.errors import UserError
 from qat.estimators import ClippedSTE, Estimator
 from qat.grid import Grid, check_granularity, check_shape, group_view
 from qat.quantizers.fake_quant import to_export_precision
@@ -74,11 +76,22 @@ def int_dtype(lo: int, hi: int) -> torch.dtype:
     return torch.int8 if -128 <= lo and hi <= 127 else torch.int16
 
 
+def _takes_no_arguments(f) -> bool:
+    """Whether ``f`` can be called with no argument (checked on its signature, so a TypeError inside it is not mistaken for one)."""
+    if not callable(f):
+        return False
+    try:
+        inspect.signature(f).bind()
+    except (TypeError, ValueError):  # it needs arguments, or a partial's arguments do not fit, or no signature to read
+        return False
+    return True
+
+
 def check_finite(x: torch.Tensor, what: str = "calibration tensor") -> None:
-    """Raise ValueError when ``x`` holds NaN or inf (a bad batch must never set a scale)."""
+    """Raise UserError when ``x`` holds NaN or inf (a bad batch must never set a scale)."""
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
-        raise ValueError(
+        raise UserError(
             f"{what} holds {bad} non-finite value(s) (NaN or inf): quantizer parameters cannot be "
             "initialised from it; check the model's dtype (fp16 overflow) and the data"
         )
@@ -97,7 +110,7 @@ class Quantizer(nn.Module):
             clipped STE). A factory gives every layer its own estimator (DSQ learns per layer).
 
     Raises:
-        ValueError: unsupported bits, unknown granularity, group granularity without group size.
+        UserError: unsupported bits, unknown granularity, group granularity without group size.
     """
 
     def __init__(
@@ -116,13 +129,10 @@ class Quantizer(nn.Module):
         self.group_size = group_size if granularity == "group" else None
         if estimator is None:
             estimator = self.default_estimator()
-        elif not isinstance(estimator, Estimator) and callable(estimator):
-            try:  # a factory (Hydra `_partial_: true`): one estimator per quantizer
-                estimator = estimator()
-            except TypeError:
-                pass
+        elif not isinstance(estimator, Estimator) and _takes_no_arguments(estimator):
+            estimator = estimator()  # a factory (Hydra `_partial_: true`): one estimator per quantizer
         if not isinstance(estimator, Estimator):
-            raise TypeError(f"estimator must be a qat.estimators.Estimator or a zero-argument factory of one, got {estimator!r}")
+            raise UserError(f"estimator must be a qat.estimators.Estimator or a zero-argument factory of one, got {estimator!r}")
         self.estimator = estimator
         self.register_buffer("initialized", torch.tensor(False))
         self._ready = False
@@ -154,14 +164,14 @@ class Quantizer(nn.Module):
 
     # -- public contract -------------------------------------------------------------------
     def check(self, shape: torch.Size | tuple, name: str = "tensor") -> None:
-        """Raise ValueError if a weight of ``shape`` cannot be quantized with these settings."""
+        """Raise UserError if a weight of ``shape`` cannot be quantized with these settings."""
         check_shape(shape, self.granularity, self.group_size, name)
 
     @torch.no_grad()
-    def init_(self, x: torch.Tensor) -> "Quantizer":
+    def init_(self, x: torch.Tensor) -> Quantizer:
         """Initialise the parameters from ``x`` (a weight, or a calibration activation)."""
         if not torch.is_floating_point(x):
-            raise TypeError(f"cannot quantize a {x.dtype} tensor: quantizers take floating-point tensors")
+            raise UserError(f"cannot quantize a {x.dtype} tensor: quantizers take floating-point tensors")
         if self.granularity in ("channel", "group"):
             self.check(x.shape, f"{type(self).__name__} input")
         check_finite(x)
@@ -189,12 +199,12 @@ class Quantizer(nn.Module):
         finally:
             self.train(training)
 
-    def rtn(self) -> "Quantizer":
-        """A fresh round-to-nearest quantizer on the same grid and grouping: this one's PTQ baseline."""
-        from qat.quantizers.minmax import MinMax
+    def rtn(self) -> Quantizer:
+        """A fresh round-to-nearest quantizer on the same grid and grouping: this one's PTQ baseline.
 
-        g = self.grid
-        return MinMax(bits=g.bits, granularity=self.granularity, group_size=self.group_size, symmetric=g.signed, narrow=g.narrow)
+        Integer quantizers return ``MinMax.like(self)``; ternary grids their own statistic.
+        """
+        raise NotImplementedError(f"{type(self).__name__} defines no round-to-nearest baseline (rtn)")
 
     def bias(self, w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor | None:
         """An extra per-output-row bias the layer adds (Tequila); None for plain quantizers."""

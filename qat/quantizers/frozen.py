@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from qat.errors import UserError
 from qat.grid import group_view
 from qat.quantizers.base import Codes, Quantizer
 
@@ -29,7 +30,7 @@ class Frozen(Quantizer):
         codes: the ``Codes`` of one weight (e.g. ``PackedLinear.codes()``).
 
     Raises:
-        ValueError: codes whose range is none of qat's grids.
+        UserError: codes whose range is none of qat's grids.
 
     Example:
         >>> from qat.quantizers import MinMax
@@ -44,7 +45,8 @@ class Frozen(Quantizer):
         signed = codes.lo < 0
         super().__init__(bits, codes.granularity, codes.group_size, symmetric=signed, narrow=signed and codes.lo == -codes.hi)
         if (self.grid.lo, self.grid.hi) != (codes.lo, codes.hi):
-            raise ValueError(f"codes in [{codes.lo}, {codes.hi}] lie on no qat grid (signed, narrow, unsigned or ternary)")
+            raise UserError(f"codes in [{codes.lo}, {codes.hi}] lie on no qat grid (signed, narrow, unsigned or ternary); "
+                            "freeze codes that a qat quantizer made (Quantizer.codes)")
         self.frozen_codes = codes
         self.initialized.fill_(True)
         self._ready = True
@@ -68,6 +70,6 @@ class Frozen(Quantizer):
     def bias(self, w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor | None:
         return self.frozen_codes.bias
 
-    def rtn(self) -> "Quantizer":
+    def rtn(self) -> Quantizer:
         return self
 

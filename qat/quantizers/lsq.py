@@ -37,8 +37,10 @@ import math
 
 import torch
 
+from qat.errors import UserError
 from qat.quantizers.base import LEARNED_EPS, Codes, Quantizer
 from qat.quantizers.fake_quant import fake_quant, levels
+from qat.quantizers.minmax import MinMax
 
 
 class LSQ(Quantizer):
@@ -66,11 +68,14 @@ class LSQ(Quantizer):
     def __init__(self, bits=4, granularity="channel", group_size=None, symmetric=True, narrow=False, estimator=None, offset=False, init="lsq"):
         super().__init__(bits, granularity, group_size, symmetric, narrow, estimator)
         if init not in ("lsq", "minmax", "rtn"):
-            raise ValueError(f"LSQ init={init!r} is not 'lsq', 'minmax' or 'rtn'")
+            raise UserError(f"LSQ init={init!r} is not 'lsq', 'minmax' or 'rtn'")
         self.init = init
         if granularity == "token":
-            raise ValueError("LSQ learns one step per tensor, channel or group; per-token scales are dynamic (use MinMax)")
+            raise UserError("LSQ learns one step per tensor, channel or group; per-token scales are dynamic (use MinMax)")
         self.use_offset = bool(offset)
+
+    def rtn(self) -> MinMax:
+        return MinMax.like(self)
 
     def _init(self, g):
         lo, hi = self.grid.lo, self.grid.hi

@@ -30,6 +30,7 @@ import torch
 from qat.estimators import ClippedSTE
 from qat.quantizers.base import Codes, Quantizer
 from qat.quantizers.fake_quant import fake_quant, levels
+from qat.quantizers.minmax import MinMax
 
 H_MIN, H_MAX = 1e-5, 1e4
 
@@ -59,6 +60,9 @@ class LWC(Quantizer):
 
     def default_estimator(self):
         return ClippedSTE(after_round=True)
+
+    def rtn(self) -> MinMax:
+        return MinMax.like(self)
 
     def _init(self, g):
         shape = (g.shape[0], g.shape[1], 1)

@@ -52,6 +52,15 @@ class MinMax(Quantizer):
         super().__init__(bits, granularity, group_size, symmetric, narrow, estimator)
         self.dynamic = dynamic
 
+    @classmethod
+    def like(cls, q: Quantizer) -> MinMax:
+        """Round-to-nearest on ``q``'s grid and grouping (min/max statistics): ``q``'s PTQ baseline."""
+        g = q.grid
+        return cls(bits=g.bits, granularity=q.granularity, group_size=q.group_size, symmetric=g.signed, narrow=g.narrow)
+
+    def rtn(self) -> MinMax:
+        return MinMax.like(self)
+
     def default_estimator(self):
         return ClippedSTE(after_round=True)
 

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import torch
 
+from qat.errors import UserError
 from qat.quantizers.base import LEARNED_EPS, Codes, Quantizer
 from qat.quantizers.fake_quant import fake_quant, levels
+from qat.quantizers.minmax import MinMax
 
 
 class PACT(Quantizer):
@@ -45,13 +47,16 @@ class PACT(Quantizer):
 
     def __init__(self, bits=8, signed=False, alpha: float | None = None, estimator=None, granularity="tensor", group_size=None):
         if granularity != "tensor":
-            raise ValueError("PACT learns one clipping value per tensor: use granularity='tensor'")
+            raise UserError("PACT learns one clipping value per tensor: use granularity='tensor'")
         super().__init__(bits, "tensor", None, symmetric=signed, narrow=signed, estimator=estimator)
         self.init_alpha = alpha
         self.alpha = torch.nn.Parameter(torch.tensor([[[float(alpha if alpha is not None else 1.0)]]]))
         if alpha is not None:
             self.initialized.fill_(True)
             self._ready = True
+
+    def rtn(self) -> MinMax:
+        return MinMax.like(self)
 
     def _init(self, g):
         self._param("alpha", g.abs().amax(-1, keepdim=True).clamp_min(LEARNED_EPS))

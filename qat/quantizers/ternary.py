@@ -46,6 +46,7 @@ import math
 
 import torch
 
+from qat.errors import UserError
 from qat.estimators import STE
 from qat.grid import Grid, check_granularity
 from qat.quantizers.base import LEARNED_EPS, Codes, Quantizer
@@ -102,7 +103,7 @@ class Ternary(Quantizer):
         estimator: rounding estimator (default: the plain STE, the identity of all three references).
 
     Raises:
-        ValueError: unknown method or dead-zone mode, bad granularity.
+        UserError: unknown method or dead-zone mode, bad granularity.
 
     Example (ALGORITHMS.md's Tequila example):
         >>> q = Ternary("absmean", granularity="channel", deadzone="tequila")
@@ -117,16 +118,16 @@ class Ternary(Quantizer):
 
     def __init__(self, method="absmean", granularity="channel", group_size=None, deadzone=None, lam=1e-3, estimator=None, bits=None, symmetric=True):
         if method not in METHODS:
-            raise ValueError(f"Ternary method={method!r} is not one of {METHODS}")
+            raise UserError(f"Ternary method={method!r} is not one of {METHODS}")
         if deadzone not in DEADZONES:
-            raise ValueError(f"Ternary deadzone={deadzone!r} is not one of {DEADZONES}")
+            raise UserError(f"Ternary deadzone={deadzone!r} is not one of {DEADZONES}")
         if bits not in (None, 2):
-            raise ValueError(f"Ternary weights take 1.58 bits (stored in 2); got bits={bits}: drop bits or use LSQ/MinMax")
+            raise UserError(f"Ternary weights take 1.58 bits (stored in 2); got bits={bits}: drop bits or use LSQ/MinMax")
         if not symmetric:
-            raise ValueError("Ternary grids are symmetric; drop symmetric=False")
+            raise UserError("Ternary grids are symmetric; drop symmetric=False")
         check_granularity(granularity, group_size)
         if granularity == "token":
-            raise ValueError("Ternary quantizes weights: use granularity 'tensor', 'channel' or 'group'")
+            raise UserError("Ternary quantizes weights: use granularity 'tensor', 'channel' or 'group'")
         super().__init__(2, granularity, group_size, symmetric=True, narrow=True, estimator=estimator)
         self.grid = Grid.ternary()
         self.method, self.deadzone, self.lam = method, deadzone, float(lam)
@@ -177,7 +178,7 @@ class Ternary(Quantizer):
         bias = self.bias(x.float(), q.reshape(x.shape))
         return self._make_codes(q, x, scale, -1, 1, bias=bias)
 
-    def rtn(self) -> "Ternary":
+    def rtn(self) -> Ternary:
         """Round-to-nearest on the same grid and grouping: untrained (SEQ's alpha at its init
         ``max|W|``), without a dead-zone bias (Tequila's grid is absmean's)."""
         return Ternary(self.method, granularity=self.granularity, group_size=self.group_size)

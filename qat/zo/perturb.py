@@ -53,9 +53,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qat.errors import UserError
+from qat.roles import ROLES, parameter_roles
+
 MODES = ("auto", "gaussian", "relative", "grid")
 SHARES = ("none", "row", "tensor")
-ROLES = ("weights", "quant", "adapter")
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) pairs over 63-bit seeds
 
 
@@ -86,18 +88,18 @@ def check_options(mode: str = "auto", share: str | Mapping[str, str] = "none", s
     Called by ``qat-train`` before the model loads (``module=zo``) and by ``Perturbation`` itself.
     """
     if mode not in MODES:
-        raise ValueError(f"perturbation mode {mode!r} is not one of {MODES}")
+        raise UserError(f"perturbation mode {mode!r} is not one of {MODES}")
     shares = dict(share) if isinstance(share, Mapping) else {role: share for role in ROLES}
     bad = {role: s for role, s in shares.items() if role not in ROLES or s not in SHARES}
     if bad:
-        raise ValueError(f"perturbation share {share!r}: give one of {SHARES}, or a mapping from a role in {ROLES} to one of them")
+        raise UserError(f"perturbation share {share!r}: give one of {SHARES}, or a mapping from a role in {ROLES} to one of them")
     scales = dict(scale or {})
     try:
         bad_scale = {role: v for role, v in scales.items() if role not in ROLES or not float(v) > 0}
     except (TypeError, ValueError):
         bad_scale = scales
     if bad_scale:
-        raise ValueError(f"perturbation scale {scales!r}: give a mapping from a role in {ROLES} to a positive multiplier")
+        raise UserError(f"perturbation scale {scales!r}: give a mapping from a role in {ROLES} to a positive multiplier")
     return shares, scales
 
 
@@ -114,7 +116,7 @@ class Perturbation:
         scale: a mapping from role to a positive multiplier of its directions (1 for a role left out).
 
     Raises:
-        ValueError: unknown mode or share; ``grid`` asked for a parameter that is not a quantized weight;
+        UserError: unknown mode or share; ``grid`` asked for a parameter that is not a quantized weight;
             no parameter requires a gradient.
 
     Example:
@@ -124,8 +126,6 @@ class Perturbation:
     """
 
     def __init__(self, model: nn.Module, mode: str = "auto", share: str | Mapping[str, str] = "none", scale: Mapping[str, float] | None = None):
-        from qat.lit.module import param_group  # the optimizer's roles; lazy: qat.lit imports Lightning
-
         shares, scales = check_options(mode, share, scale)
         owners: dict[int, list[tuple[nn.Module, str]]] = {}
         for module in model.modules():
@@ -133,18 +133,20 @@ class Perturbation:
                 if p is not None and p.requires_grad:
                     owners.setdefault(id(p), []).append((module, pname))
         quant_weights = _quantized_weights(model)
+        roles = parameter_roles(model)
         self.moving: list[Moving] = []
         for index, (name, p) in enumerate((n, p) for n, p in model.named_parameters() if p.requires_grad):
             layer = quant_weights.get(id(p))
             kind = mode
             if mode == "auto":
-                kind = "grid" if layer is not None else "relative" if "_quantizer." in name else "gaussian"
+                kind = "grid" if layer is not None else "relative" if roles[name] == "quant" else "gaussian"
             if kind == "grid" and layer is None:
-                raise ValueError(f"perturbation mode 'grid' needs a quantized layer's weight; {name} is not one (use mode='auto')")
-            role = param_group(name, p)
+                raise UserError(f"perturbation mode 'grid' needs a quantized layer's weight; {name} is not one (use mode='auto')")
+            role = roles[name]
             self.moving.append(Moving(index, name, p, owners[id(p)], kind, layer, shares.get(role, "none"), float(scales.get(role, 1.0))))
         if not self.moving:
-            raise ValueError("no parameter requires a gradient: nothing for zeroth-order training to move")
+            raise UserError("no parameter requires a gradient: nothing for zeroth-order training to move; "
+                            "leave some parameters trainable (module.train, module.freeze)")
         self._by_param = {id(m.param): m for m in self.moving}
         self._active = False
 

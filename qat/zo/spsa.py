@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from qat.errors import UserError
 from qat.zo.perturb import Perturbation
 
 
@@ -41,7 +42,7 @@ class ZOSGD(torch.optim.Optimizer):
         perturbation: the :class:`Perturbation` (or set later with :meth:`attach`).
 
     Raises:
-        ValueError: ``lr < 0``, ``eps <= 0`` or ``n < 1``.
+        UserError: ``lr < 0``, ``eps <= 0`` or ``n < 1``.
 
     Example:
         >>> pert = Perturbation(model)  # doctest: +SKIP
@@ -53,13 +54,14 @@ class ZOSGD(torch.optim.Optimizer):
 
     forward_only = True  # backprop modules refuse it (QATModule.configure_optimizers)
 
-    def __init__(self, params, lr: float = 1e-4, eps: float = 1e-3, n: int = 1, weight_decay: float = 0.0, seed: int = 0, perturbation: Perturbation | None = None):
+    def __init__(self, params, lr: float = 1e-4, eps: float = 1e-3, n: int = 1, weight_decay: float = 0.0, seed: int = 0,
+                 perturbation: Perturbation | None = None):
         if lr < 0:
-            raise ValueError(f"lr={lr} must be >= 0")
+            raise UserError(f"lr={lr} must be >= 0")
         if not eps > 0:
-            raise ValueError(f"eps={eps} must be > 0")
+            raise UserError(f"eps={eps} must be > 0")
         if int(n) < 1:
-            raise ValueError(f"n={n} seeds per step must be >= 1")
+            raise UserError(f"n={n} seeds per step must be >= 1")
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         self.eps, self.n, self.seed = float(eps), int(n), int(seed)
         self.perturbation = perturbation
@@ -67,12 +69,13 @@ class ZOSGD(torch.optim.Optimizer):
         self.skipped = 0  # updates skipped for a non-finite loss
         self._pending: list[tuple[int, float]] = []
 
-    def attach(self, perturbation: Perturbation) -> "ZOSGD":
+    def attach(self, perturbation: Perturbation) -> ZOSGD:
         moving = {id(m.param) for m in perturbation.moving}
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) not in moving:
-                    raise ValueError("ZOSGD was given a parameter the perturbation does not move (requires_grad=False?)")
+                    raise UserError("ZOSGD was given a parameter the perturbation does not move (requires_grad=False?): "
+                                      "build the Perturbation over the parameters the optimizer trains")
         self.perturbation = perturbation
         return self
 

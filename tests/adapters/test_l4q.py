@@ -13,6 +13,7 @@ from torch import nn
 
 import qat
 from qat.adapters import L4Q, L4QLinear, L4QWarmup, l4q_linear, merge_adapters_
+from qat.errors import UserError
 from qat.quantizers import LSQ
 
 LSQ_PLUS = functools.partial(LSQ, bits=4, granularity="group", group_size=16, offset=True, symmetric=False)
@@ -187,19 +188,19 @@ def test_warmup_stage_keeps_the_adapter_beside_the_quantized_base():
 
 
 def test_bad_input_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"r=40 is larger than min\(in_features, out_features\)=32 .*set adapter.config.r <= 32"):
+    with pytest.raises(UserError, match=r"r=40 is larger than min\(in_features, out_features\)=32 .*set adapter.config.r <= 32"):
         L4Q(config(r=40)).apply_(quantized_tiny())
-    with pytest.raises(ValueError, match="match no layer.*set adapter.config.target_modules"):
+    with pytest.raises(UserError, match="match no layer.*set adapter.config.target_modules"):
         L4Q(config(target_modules=["q_proj"])).apply_(quantized_tiny())
-    with pytest.raises(ValueError, match="not quantized.*'head'"):
+    with pytest.raises(UserError, match="not quantized.*'head'"):
         L4Q(config(target_modules=["up", "head"])).apply_(quantized_tiny())
-    with pytest.raises(ValueError, match="lora_dropout"):
+    with pytest.raises(UserError, match="lora_dropout"):
         L4Q(config(lora_dropout=0.1)).apply_(quantized_tiny())
-    with pytest.raises(ValueError, match="warmup_steps"):
+    with pytest.raises(UserError, match="warmup_steps"):
         L4Q(config(), warmup_steps=-1)
     m = quantized_tiny()
     L4Q(config()).apply_(m)
-    with pytest.raises(ValueError, match="already has l4q adapters"):
+    with pytest.raises(UserError, match="already has l4q adapters"):
         L4Q(config()).apply_(m)
 
 

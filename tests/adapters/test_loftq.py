@@ -11,6 +11,7 @@ from torch import nn
 
 import qat
 from qat.adapters import L4Q, LoRA, load_adapters, loftq, save_adapters
+from qat.errors import UserError
 from qat.quantizers import LSQ, MinMax
 
 QUANTIZERS = {
@@ -99,13 +100,13 @@ def test_adapter_modes_start_from_the_loftq_approximation(weights, mode, tmp_pat
 def test_loftq_bits_must_match_the_quantizer(weights):
     m = Tiny(weights["model.layers.0.self_attn.q_proj"][:, :64].contiguous())
     qat.quantize_(m, weight=functools.partial(MinMax, bits=3, granularity="group", group_size=64))
-    with pytest.raises(ValueError, match="loftq_bits=4 but layer 'proj' quantizes to 3 bits.*set loftq_bits=3"):
+    with pytest.raises(UserError, match="loftq_bits=4 but layer 'proj' quantizes to 3 bits.*set loftq_bits=3"):
         LoRA(loftq_config(4)).apply_(m)
 
 
 def test_bad_arguments():
     w = torch.randn(8, 16)
-    with pytest.raises(ValueError, match="iters >= 1"):
+    with pytest.raises(UserError, match="iters >= 1"):
         loftq(w, MinMax(bits=2), r=2, scaling=1.0, iters=0)
-    with pytest.raises(ValueError, match="rank r=9"):
+    with pytest.raises(UserError, match="rank r=9"):
         loftq(w, MinMax(bits=2), r=9, scaling=1.0, iters=1)

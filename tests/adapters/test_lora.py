@@ -19,6 +19,7 @@ from torch import nn
 
 import qat
 from qat.adapters import L4Q, LoRA, load_adapters, merge_adapters_, save_adapters
+from qat.errors import UserError
 from qat.quantizers import LSQ, MinMax
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +57,7 @@ def test_lora_sits_beside_a_frozen_round_to_nearest_base(train_steps):
     assert isinstance(m.up, PeftLoraLinear) and isinstance(m.up.base_layer.weight_quantizer, MinMax)
     assert torch.equal(m(x), rtn(x))  # B = 0: exactly the round-to-nearest model
     assert {n for n, p in m.named_parameters() if p.requires_grad} == {
-        f"{l}.lora_{f}.default.weight" for l in ("up", "down") for f in "AB"
+        f"{layer}.lora_{f}.default.weight" for layer in ("up", "down") for f in "AB"
     }
     train_steps(m, 32, 32)
     layer = m.up
@@ -95,22 +96,22 @@ def test_loading_adapters_from_another_base_model_is_a_clear_error(tmp_path):
     m = quantized_tiny()
     LoRA(config()).apply_(m)
     save_adapters(m, tmp_path / "a")
-    with pytest.raises(ValueError, match="another base model.*load them into the base model"):
+    with pytest.raises(UserError, match="another base model.*load them into the base model"):
         load_adapters(quantized_tiny(seed=1), tmp_path / "a")  # same shapes, other weights
-    with pytest.raises(ValueError, match="another base model"):
+    with pytest.raises(UserError, match="another base model"):
         load_adapters(quantized_tiny(hidden=64), tmp_path / "a")  # other shapes
-    with pytest.raises(FileNotFoundError, match="not an adapter directory"):
+    with pytest.raises(UserError, match="not an adapter directory"):
         load_adapters(quantized_tiny(), tmp_path)
-    with pytest.raises(ValueError, match="no adapters to save"):
+    with pytest.raises(UserError, match="no adapters to save"):
         save_adapters(quantized_tiny(), tmp_path / "b")
 
 
 def test_bad_config_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"r=64 is larger than min\(in_features, out_features\)=32"):
+    with pytest.raises(UserError, match=r"r=64 is larger than min\(in_features, out_features\)=32"):
         LoRA(config(r=64)).apply_(quantized_tiny())
-    with pytest.raises(ValueError, match=r"target_modules=\['q_proj'\] match no layer.*\.\.\.down, \.\.\.up"):
+    with pytest.raises(UserError, match=r"target_modules=\['q_proj'\] match no layer.*\.\.\.down, \.\.\.up"):
         LoRA(config(target_modules=["q_proj"])).apply_(quantized_tiny())
-    with pytest.raises(TypeError, match="LoraConfig"):
+    with pytest.raises(UserError, match="LoraConfig"):
         LoRA({"r": 4}).apply_(quantized_tiny())
 
 

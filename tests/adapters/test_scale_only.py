@@ -11,6 +11,7 @@ from torch import nn
 
 import qat
 from qat.adapters import FrozenCodes, ScaleOnly, ScaleOnlyLinear, load_adapters, merge_adapters_, save_adapters
+from qat.errors import UserError
 from qat.quantizers import LSQ, MinMax
 
 
@@ -128,9 +129,9 @@ def test_codes_from_a_run_checkpoint(tmp_path):
     ScaleOnly(checkpoint=str(ckpt)).apply_(m)
     assert torch.equal(m.down.weight_quantizer.q, donor.down.weight_quantizer.codes(donor.down.latent_weight()).codes)
     other = quantized_tiny(functools.partial(LSQ, bits=4, granularity="group", group_size=8, init="minmax"))
-    with pytest.raises(ValueError, match="another base model or quantization.*same model and quant settings"):
+    with pytest.raises(UserError, match="another base model or quantization.*same model and quant settings"):
         ScaleOnly(checkpoint=str(ckpt)).apply_(other)
-    with pytest.raises(FileNotFoundError, match="last.ckpt"):
+    with pytest.raises(UserError, match="last.ckpt"):
         ScaleOnly(checkpoint=str(tmp_path / "none" / "last.ckpt")).apply_(quantized_tiny(LSQ_RTN))
 
 
@@ -143,12 +144,12 @@ def test_save_and_load_round_trip(tmp_path, train_steps):
     load_adapters(fresh, tmp_path / "adapter")
     x = torch.randn(4, 64)
     assert torch.equal(fresh(x), m(x))
-    with pytest.raises(ValueError, match="another base model"):
+    with pytest.raises(UserError, match="another base model"):
         load_adapters(quantized_tiny(ASYM_RTN, seed=5), tmp_path / "adapter")
 
 
 def test_bad_input_is_a_clear_error():
-    with pytest.raises(ValueError, match="run qat.quantize_"):
+    with pytest.raises(UserError, match="run qat.quantize_"):
         ScaleOnly().apply_(Tiny())
     fq = FrozenCodes(bits=4, granularity="channel").init_(torch.randn(4, 8))
     with pytest.raises(ValueError, match=r"shape \(4, 8\)"):

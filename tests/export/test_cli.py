@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import qat
-from qat.evaluate import build_model, load_config
+from qat.config import build_model, load_run_config
 from qat.export.__main__ import main
 
 QUANT = {
@@ -81,7 +81,7 @@ def run_dir(tmp_path):
 def test_run_directory_to_packed_export(run_dir, capsys):
     main([str(run_dir)])
     assert capsys.readouterr().out.strip() == str(run_dir / "export")
-    model, _, _ = build_model(load_config(run_dir), run_dir / "checkpoints" / "last.ckpt")
+    model, _, _ = build_model(load_run_config(run_dir), run_dir / "checkpoints" / "last.ckpt")
     loaded = qat.load_packed(run_dir / "export")
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, model.eval()(IDS).logits)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-
 from qat.convert import quantize_
+from qat.errors import UserError
 from qat.export import compressed
 from qat.quantizers import LSQ, MinMax, Ternary
 
@@ -52,7 +52,8 @@ def ours(model, name):
 
 
 def quantized_names(model):
-    return [f"model.layers.{i}.{p}" for i in GRIDS for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    return [f"model.layers.{i}.{p}" for i in GRIDS for p in projections]
 
 
 def test_config_describes_each_grid(exported):
@@ -112,14 +113,15 @@ def test_the_pack_quantized_compressor_decompresses_the_saved_tensors(exported):
 )
 def test_grids_the_format_cannot_hold_are_refused(factory, match):
     w = torch.randn(8, 64)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         compressed.weight_args(factory().init_(w).codes(w), "layer")
 
 
 def test_save_refuses_a_model_without_quantized_layers(smollm2, tmp_path):
-    with pytest.raises(ValueError, match="no quantized Linear"):
+    with pytest.raises(UserError, match="no quantized Linear"):
         compressed.save(smollm2[0], smollm2[1], tmp_path)
-    model = quantize_(copy.deepcopy(smollm2[0]), weight=P(LSQ, bits=4, granularity="group", group_size=32, offset=True, symmetric=False), include="model.layers.0.*")
-    with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj: an LSQ\\+ offset"):
+    weight = P(LSQ, bits=4, granularity="group", group_size=32, offset=True, symmetric=False)
+    model = quantize_(copy.deepcopy(smollm2[0]), weight=weight, include="model.layers.0.*")
+    with pytest.raises(UserError, match="model.layers.0.self_attn.q_proj: an LSQ\\+ offset"):
         compressed.save(model, smollm2[1], tmp_path)
     assert list(tmp_path.iterdir()) == []

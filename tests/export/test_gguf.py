@@ -15,6 +15,7 @@ import torch
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from qat.convert import quantize_
+from qat.errors import UserError
 from qat.export import gguf as qgguf
 from qat.nn.embedding import QuantEmbedding
 from qat.quantizers import LSQ, MinMax, Ternary
@@ -162,14 +163,14 @@ def test_embedding_head_float_tensors_tokenizer_and_metadata(exported, smollm2):
 def test_grids_without_an_exact_ggml_type_are_refused(factory, match):
     w = torch.randn(16, 64)
     codes = factory().init_(w).codes(w)
-    with pytest.raises(ValueError, match=match) as e:
+    with pytest.raises(UserError, match=match) as e:
         qgguf.ggml_type(codes, 64, name="blk")
     assert "symmetric=true" in str(e.value) and "group_size 32" in str(e.value)
 
 
 def test_rows_that_do_not_split_into_blocks_are_refused():
     w = torch.randn(8, 48)
-    with pytest.raises(ValueError, match="in_features=48 does not split into 32-weight"):
+    with pytest.raises(UserError, match="in_features=48 does not split into 32-weight"):
         qgguf.ggml_type(LSQ(bits=4, granularity="channel").init_(w).codes(w), 48)
 
 
@@ -177,7 +178,7 @@ def test_scales_that_are_not_float16_are_refused():
     w = torch.randn(8, 64)
     codes = LSQ(bits=4, granularity="group", group_size=32).init_(w).codes(w)
     codes.scale = codes.scale + 1e-6  # between two float16 values
-    with pytest.raises(ValueError, match="float16"):
+    with pytest.raises(UserError, match="float16"):
         qgguf.ggml_type(codes, 64)
 
 
@@ -190,18 +191,18 @@ def test_scales_that_are_not_float16_are_refused():
 )
 def test_save_refuses_before_writing(smollm2, tmp_path, kwargs, match):
     model = quantize_(copy.deepcopy(smollm2[0]), include="model.layers.0.self_attn.q_proj", **kwargs)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         qgguf.save(model, smollm2[1], tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_save_refuses_other_architectures_and_models_without_a_source_gguf(minilm, exported, tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="llama-architecture"):
+    with pytest.raises(UserError, match="llama-architecture"):
         qgguf.save(minilm[0], minilm[1], tmp_path)
     model = exported[0]
     monkeypatch.setattr(model, "name_or_path", str(tmp_path))
     monkeypatch.setattr(model.config, "_name_or_path", str(tmp_path))
-    with pytest.raises(ValueError, match="source=<file.gguf>"):
+    with pytest.raises(UserError, match="source=<file.gguf>"):
         qgguf.save(model, None, tmp_path)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qat.convert import quantize_
+from qat.errors import UserError
 from qat.export import export_
 from qat.quantizers import LSQ, Ternary
 
@@ -59,7 +60,7 @@ def test_plain_transformers_loads_the_dense_export(weight, tmp_path):
 
 def test_an_architecture_without_bias_switches_cannot_hold_tequila(tmp_path):
     model = quantize_(_tiny("MistralForCausalLM"), weight=TEQUILA, include=["model.layers.*"]).eval()
-    with pytest.raises(ValueError, match="cannot represent.*MistralForCausalLM.*format='packed'"):
+    with pytest.raises(UserError, match="cannot represent.*MistralForCausalLM.*format='packed'"):
         export_(model, tmp_path / "hf", format="hf")
     assert list(tmp_path.iterdir()) == []
     # without a folded bias Mistral exports fine

@@ -98,10 +98,10 @@ def test_llamacpp_perplexity_of_a_trained_ternary_run(tmp_path, plain_cpu_kernel
     """
     from pathlib import Path
 
-    from qat.evaluate import build_model, load_config
+    from qat.config import build_model, load_run_config
 
     run = Path(os.environ["QAT_TERNARY_RUN"])
-    model, tokenizer, _ = build_model(load_config(run), run / "checkpoints" / "last.ckpt")
+    model, tokenizer, _ = build_model(load_run_config(run), run / "checkpoints" / "last.ckpt")
     qgguf.save(model.eval(), tokenizer, tmp_path)
     blocks = token_blocks(tokenizer, shipped_text(), SEQ_LEN)[:N_BLOCKS]
     ours = perplexity(model, blocks)

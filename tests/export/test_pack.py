@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from qat.errors import UserError
 from qat.export.pack import pack, packed_numel, unpack
 
 # odd sizes: none a multiple of 8 codes or of 5 trits, plus the empty and one-element cases
@@ -69,21 +70,21 @@ def test_int3_is_a_dense_bitstream():
 
 
 def test_codes_outside_the_fields_are_refused():
-    with pytest.raises(ValueError, match=r"outside \[-8, 7\]"):
+    with pytest.raises(UserError, match=r"outside \[-8, 7\]"):
         pack(torch.tensor([0, 8]), 4, -8)
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(UserError, match="outside"):
         pack(torch.tensor([-1, 2]), 2, -1, "base3")
-    with pytest.raises(ValueError, match="1 to 8"):
+    with pytest.raises(UserError, match="1 to 8"):
         pack(torch.tensor([0]), 9, 0)
-    with pytest.raises(ValueError, match="base3"):
+    with pytest.raises(UserError, match="base3"):
         pack(torch.tensor([0]), 4, 0, "base3")
-    with pytest.raises(ValueError, match="layout"):
+    with pytest.raises(UserError, match="layout"):
         pack(torch.tensor([0]), 4, 0, "nibbles")
 
 
 def test_unpack_checks_its_input():
     packed = pack(torch.arange(10), 4, 0)
-    with pytest.raises(ValueError, match="cannot hold exactly"):
+    with pytest.raises(UserError, match="cannot hold exactly"):
         unpack(packed, 4, 0, 12)
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(UserError, match="uint8"):
         unpack(packed.to(torch.int16), 4, 0, 10)

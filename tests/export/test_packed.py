@@ -14,6 +14,7 @@ from torch import nn
 
 import qat
 from qat.convert import quantize_
+from qat.errors import UserError
 from qat.export import export_, load_packed
 from qat.export.packed import PackedEmbedding, PackedLinear, pack_layer, size_report
 from qat.nn.linear import QuantLinear
@@ -91,7 +92,7 @@ def test_scales_that_float16_cannot_hold_are_refused():
     codes = layer.weight_quantizer.codes(layer.latent_weight())
     codes.scale = codes.scale + 1e-7  # what a quantizer training in float32 would export
     layer.weight_quantizer.codes = lambda w: codes
-    with pytest.raises(ValueError, match="not float16 values"):
+    with pytest.raises(UserError, match="not float16 values"):
         pack_layer("l", layer)
 
 
@@ -141,14 +142,14 @@ def test_export_leaves_the_model_unchanged(tiny_llama, tmp_path):
 
 
 def test_bad_input_is_refused_before_writing(tiny_llama, tmp_path):
-    with pytest.raises(ValueError, match="no quantized weights.*quantize_"):
+    with pytest.raises(UserError, match="no quantized weights.*quantize_"):
         export_(copy.deepcopy(tiny_llama), tmp_path / "x")
     model = _quantized(tiny_llama, QUANTIZERS["lsq"](4))
-    with pytest.raises(ValueError, match="unknown export format 'onnx'; formats: packed, hf, gguf, compressed-tensors"):
+    with pytest.raises(UserError, match="unknown export format 'onnx'; formats: packed, hf, gguf, compressed-tensors"):
         export_(model, tmp_path / "x", format="onnx")
     fresh = LSQ(bits=4)  # a quantizer that never saw data: nothing trained to export
     model.model.layers[0].mlp.up_proj.weight_quantizer = fresh
-    with pytest.raises(ValueError, match="not initialised.*up_proj"):
+    with pytest.raises(UserError, match="not initialised.*up_proj"):
         export_(model, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
@@ -158,7 +159,7 @@ def test_existing_directory_needs_overwrite(tiny_llama, tmp_path):
     target = tmp_path / "exp"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(UserError, match="already exists"):
         export_(model, target)
     assert (target / "keep.txt").read_text() == "mine"
     export_(model, target, overwrite=True)
@@ -184,10 +185,10 @@ def test_interrupted_export_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
 
 
 def test_load_packed_refuses_other_directories(tmp_path):
-    with pytest.raises(FileNotFoundError, match="quant_config.json"):
+    with pytest.raises(UserError, match="quant_config.json"):
         load_packed(tmp_path)
     (tmp_path / "quant_config.json").write_text(json.dumps({"format": "hf"}))
-    with pytest.raises(ValueError, match="'hf' export, not a packed one"):
+    with pytest.raises(UserError, match="'hf' export, not a packed one"):
         load_packed(tmp_path)
 
 

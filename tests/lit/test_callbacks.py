@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch import nn
 
 import qat
+from qat.errors import UserError
 from qat.lit.callbacks import PerplexityPlot, QuantStats, layer_stats
 from qat.nn import QuantLinear
 from qat.quantizers import LSQ, MinMax, Ternary
@@ -102,12 +103,12 @@ def test_zero_frac_follows_the_zero_point_not_code_zero():
 
 def test_layer_stats_errors():
     layer = QuantLinear.from_float(nn.Linear(4, 2), None, MinMax(bits=8, granularity="token"))
-    with pytest.raises(ValueError, match="no weight quantizer"):
+    with pytest.raises(UserError, match="no weight quantizer"):
         layer_stats(layer)
     layer = make_layer(torch.randn(2, 4), Ternary())
     with pytest.raises(ValueError, match="shape"):
         layer_stats(layer, torch.zeros(4, 2, dtype=torch.int8))
-    with pytest.raises(ValueError, match="every_n_steps"):
+    with pytest.raises(UserError, match="every_n_steps"):
         QuantStats(every_n_steps=0)
 
 

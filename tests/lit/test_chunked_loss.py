@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import qat
+from qat.errors import UserError
 from qat.lit.chunked_loss import chunked_causal_lm_loss
 from qat.lit.objectives import CausalLM
 from qat.quantizers import LSQ
@@ -62,8 +63,8 @@ def test_objective_uses_chunks_and_refuses_bad_settings():
     loss, logs = CausalLM(chunk_tokens=5)(model, {"input_ids": ids})
     torch.testing.assert_close(loss, model(input_ids=ids, labels=ids).loss, rtol=1e-6, atol=1e-6)
     assert logs["ce"] == loss.detach()
-    with pytest.raises(ValueError, match="chunk_tokens=0"):
+    with pytest.raises(UserError, match="chunk_tokens=0"):
         CausalLM(chunk_tokens=0)
     model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping.*chunk_tokens=null"):
+    with pytest.raises(UserError, match="final_logit_softcapping.*chunk_tokens=null"):
         chunked_causal_lm_loss(model, ids, 4)

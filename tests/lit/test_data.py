@@ -8,21 +8,22 @@ import json
 import os
 import time
 import warnings
+from pydoc_data.topics import topics
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from pydoc_data.topics import topics
 
 from qat.corpus import COMMON_LICENSES, licenses_text, shipped_text, token_blocks
+from qat.errors import UserError
 from qat.lit.data import (
     BatchStream,
     SentenceDataModule,
     TextDataModule,
-    text_file,
     split_sentences,
     stream_batch_indices,
+    text_file,
 )
 
 SEQ = 64
@@ -135,7 +136,7 @@ def test_ranks_split_each_global_batch_like_one_bigger_process():
 
 
 def test_stream_rejects_too_few_items_and_bad_ranks():
-    with pytest.raises(ValueError, match="fewer than one global batch of 8"):
+    with pytest.raises(UserError, match="fewer than one global batch of 8"):
         next(stream_batch_indices(7, 4, world_size=2))
     with pytest.raises(ValueError, match="rank"):
         next(stream_batch_indices(10, 2, rank=2, world_size=2))
@@ -269,7 +270,7 @@ def test_datasets_cache_files_are_reused(tok, tmp_path):
 
 def test_hub_names_fail_clearly_offline(tok, tmp_path):
     dm = TextDataModule(tok, "nosuchuser/no_such_corpus", seq_len=SEQ, heldout_tokens=HELD, cache_dir=tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"'nosuchuser/no_such_corpus'.*offline"):
+    with pytest.raises(UserError, match=r"'nosuchuser/no_such_corpus'.*offline"):
         dm.setup()
 
 
@@ -288,28 +289,28 @@ def test_hub_names_fail_clearly_offline(tok, tmp_path):
     ],
 )
 def test_bad_sizes_fail_at_construction(tok, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         TextDataModule(tok, **kwargs)
 
 
 def test_bad_paths_fail_at_construction_naming_them(tok, tmp_path):
     for missing in (tmp_path / "nope.txt", tmp_path / "no" / "such" / "folder"):
-        with pytest.raises(FileNotFoundError, match=str(missing)):
+        with pytest.raises(UserError, match=str(missing)):
             TextDataModule(tok, missing)
     (tmp_path / "corpus.csv").write_text("text\nhello\n")
-    with pytest.raises(ValueError, match=r"unknown extension '\.csv'"):
+    with pytest.raises(UserError, match=r"unknown extension '\.csv'"):
         TextDataModule(tok, tmp_path / "corpus.csv")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="holds no data files"):
+    with pytest.raises(UserError, match="holds no data files"):
         TextDataModule(tok, tmp_path / "empty")
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "a.txt").write_text(DOCS[0])
     (mixed / "b.jsonl").write_text(json.dumps({"text": DOCS[1]}))
-    with pytest.raises(ValueError, match="mixes file types"):
+    with pytest.raises(UserError, match="mixes file types"):
         TextDataModule(tok, mixed)
     (mixed / "b.jsonl").rename(mixed / "b.csv")
-    with pytest.raises(ValueError, match=r"unknown extensions \['b.csv'\]"):
+    with pytest.raises(UserError, match=r"unknown extensions \['b.csv'\]"):
         TextDataModule(tok, mixed)
 
 
@@ -317,7 +318,7 @@ def test_a_json_file_without_the_text_field_names_its_fields(tok, tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text("\n".join(json.dumps({"id": i, "body": d}) for i, d in enumerate(DOCS[:3])))
     dm = TextDataModule(tok, path, seq_len=SEQ, heldout_tokens=SEQ, cache_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"no field 'text'; its fields are \['id', 'body'\]"):
+    with pytest.raises(UserError, match=r"no field 'text'; its fields are \['id', 'body'\]"):
         dm.setup()
 
 
@@ -326,7 +327,7 @@ def test_a_corpus_too_small_names_the_numbers(tok, tmp_path):
     path.write_text(DOCS[0], encoding="utf-8")
     n = len(tok(DOCS[0], add_special_tokens=False)["input_ids"]) // SEQ
     dm = TextDataModule(tok, path, seq_len=SEQ, batch_size=4, heldout_tokens=(n - 2) * SEQ, cache_dir=tmp_path)
-    with pytest.raises(ValueError, match=rf"{n} blocks of seq_len=64.*first {n - 2}, leaving 2 for training; need at least 4"):
+    with pytest.raises(UserError, match=rf"{n} blocks of seq_len=64.*first {n - 2}, leaving 2 for training; need at least 4"):
         dm.setup()
 
 
@@ -387,20 +388,20 @@ def test_sentence_stream_is_deterministic(sdm, minilm, cache):
 
 def test_sentence_bad_input(minilm, smollm2, tmp_path):
     tok = minilm[1]
-    with pytest.raises(ValueError, match="min_words"):
+    with pytest.raises(UserError, match="min_words"):
         SentenceDataModule(tok, min_words=0)
-    with pytest.raises(ValueError, match="heldout_sentences"):
+    with pytest.raises(UserError, match="heldout_sentences"):
         SentenceDataModule(tok, heldout_sentences=0)
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(UserError, match="nope.jsonl"):
         SentenceDataModule(tok, tmp_path / "nope.jsonl")
     no_pad = copy.deepcopy(smollm2[1])
     no_pad.pad_token = None
-    with pytest.raises(ValueError, match="no pad token"):
+    with pytest.raises(UserError, match="no pad token"):
         SentenceDataModule(no_pad)
     path = tmp_path / "one.txt"
     path.write_text(DOCS[0], encoding="utf-8")
     dm = SentenceDataModule(tok, path, heldout_sentences=3, batch_size=32, cache_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"too small: \d+ sentences.*need at least 32"):
+    with pytest.raises(UserError, match=r"too small: \d+ sentences.*need at least 32"):
         dm.setup()
 
 

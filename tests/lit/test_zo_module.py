@@ -14,6 +14,7 @@ import torch
 
 import qat
 from qat.corpus import shipped_text, token_blocks
+from qat.errors import UserError
 from qat.lit.module import QATModule
 from qat.lit.objectives import CausalLM
 from qat.lit.zo_module import ZOModule
@@ -67,17 +68,17 @@ def test_non_finite_loss_is_skipped_counted_and_logged(small_quantized):
 
 def test_wrong_pairings_and_roles_are_refused(small_quantized):
     model, _ = small_quantized
-    with pytest.raises(ValueError, match="choose roles among"):
+    with pytest.raises(UserError, match="choose roles among"):
         ZOModule(copy.deepcopy(model), functools.partial(ZOSGD), train=["latent"])
-    with pytest.raises(ValueError, match="matches no trainable parameter"):
+    with pytest.raises(UserError, match="matches no trainable parameter"):
         ZOModule(copy.deepcopy(model), functools.partial(ZOSGD), train=["adapter"])
-    with pytest.raises(ValueError, match="perturbation share 'column'"):
+    with pytest.raises(UserError, match="perturbation share 'column'"):
         ZOModule(copy.deepcopy(model), functools.partial(ZOSGD), train=["quant"], share="column")
-    with pytest.raises(ValueError, match="positive multiplier"):
+    with pytest.raises(UserError, match="positive multiplier"):
         ZOModule(copy.deepcopy(model), functools.partial(ZOSGD), train=["quant"], scale={"adapter": 0})
-    with pytest.raises(ValueError, match="needs optim=zo_sgd"):
+    with pytest.raises(UserError, match="needs optim=zo_sgd"):
         ZOModule(copy.deepcopy(model), functools.partial(torch.optim.AdamW), train=["quant"]).configure_optimizers()
-    with pytest.raises(ValueError, match="use it with module=zo"):
+    with pytest.raises(UserError, match="use it with module=zo"):
         QATModule(copy.deepcopy(model), functools.partial(ZOSGD)).configure_optimizers()
 
 

@@ -1,6 +1,4 @@
-import functools
 
-import pytest
 import torch
 from torch import nn
 

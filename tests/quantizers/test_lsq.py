@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from qat.errors import UserError
 from qat.estimators import DSQ, STE, ClippedSTE
 from qat.grid import Grid
 from qat.quantizers import LSQ
@@ -201,18 +202,18 @@ def test_forward_initialises_lazily():
 
 
 def test_token_granularity_refused():
-    with pytest.raises(ValueError, match="MinMax"):
+    with pytest.raises(UserError, match="MinMax"):
         LSQ(granularity="token")
 
 
 @pytest.mark.parametrize("kwargs", [dict(bits=1), dict(bits=9), dict(granularity="group"), dict(granularity="row")])
 def test_bad_config(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         LSQ(**kwargs)
 
 
 def test_bad_estimator_type():
-    with pytest.raises(TypeError, match="Estimator"):
+    with pytest.raises(UserError, match="Estimator"):
         LSQ(estimator=torch.round)
 
 
@@ -249,7 +250,7 @@ def test_bf16_weights():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_integer_input_refused(config):
-    with pytest.raises(TypeError):
+    with pytest.raises(UserError, match='floating-point'):
         LSQ(**config).init_(torch.ones(4, 16, dtype=torch.int32))
 
 
@@ -258,10 +259,10 @@ def test_non_finite_init_refused(bad):
     w = _w(11, (4, 16))
     w[1, 3] = bad
     q = LSQ(bits=4, offset=True)
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(UserError, match="non-finite"):
         q.init_(w)
     assert not q.initialized.item()
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match='non-finite'):
         q(w)
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from qat.errors import UserError
 from qat.estimators import ClippedSTE
 from qat.quantizers import MinMax
 
@@ -237,7 +238,7 @@ def test_default_estimator():
 
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_integer_input_refused(dynamic):
-    with pytest.raises(TypeError):
+    with pytest.raises(UserError, match='floating-point'):
         MinMax(dynamic=dynamic).init_(torch.ones(4, 16, dtype=torch.int32))
 
 
@@ -245,9 +246,9 @@ def test_integer_input_refused(dynamic):
 def test_non_finite_init_refused(bad):
     x = _w(10, (4, 16))
     x[0, 0] = bad
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(UserError, match="non-finite"):
         MinMax(dynamic=False, symmetric=False).init_(x)
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(UserError, match="non-finite"):
         MinMax().init_(x)
 
 

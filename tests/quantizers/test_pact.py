@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from qat.errors import UserError
 from qat.quantizers import PACT
 
 
@@ -137,12 +138,12 @@ def test_output_on_grid_and_idempotent():
 
 @pytest.mark.parametrize("granularity", ["channel", "group", "token"])
 def test_only_tensor_granularity(granularity):
-    with pytest.raises(ValueError, match="tensor"):
+    with pytest.raises(UserError, match="tensor"):
         PACT(granularity=granularity, group_size=8)
 
 
 def test_bad_bits():
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match='bits=1'):
         PACT(bits=1)
 
 
@@ -159,7 +160,7 @@ def test_bf16():
 
 
 def test_integer_input_refused():
-    with pytest.raises(TypeError):
+    with pytest.raises(UserError, match='floating-point'):
         PACT(bits=4).init_(torch.ones(8, dtype=torch.int32))
 
 
@@ -168,7 +169,7 @@ def test_non_finite_init_refused(bad):
     x = torch.ones(8)
     x[2] = bad
     q = PACT(bits=4)
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(UserError, match="non-finite"):
         q.init_(x)
     assert q.alpha.item() == 1.0 and not q.initialized.item()
 

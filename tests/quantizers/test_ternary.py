@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from qat.errors import UserError
 from qat.estimators import STE
 from qat.quantizers import Ternary
 
@@ -309,7 +310,7 @@ def test_idempotent_and_on_grid(method):
     ],
 )
 def test_bad_config(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         Ternary(**kwargs)
 
 
@@ -338,7 +339,7 @@ def test_bf16():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_integer_input_refused(method):
-    with pytest.raises(TypeError):
+    with pytest.raises(UserError, match='floating-point'):
         Ternary(method).init_(torch.ones(4, 16, dtype=torch.int32))
 
 
@@ -347,7 +348,7 @@ def test_integer_input_refused(method):
 def test_non_finite_init_refused(method, bad):
     w = _w(13, (4, 16))
     w[0, 5] = bad
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(UserError, match="non-finite"):
         Ternary(method).init_(w)
 
 

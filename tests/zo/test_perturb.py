@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.errors import UserError
 from qat.nn.linear import QuantLinear
 from qat.quantizers import LSQ
 from qat.zo.perturb import Perturbation, derive_seed
@@ -112,11 +113,11 @@ def test_grid_direction_moves_whole_steps_and_is_not_swallowed_by_rounding():
 
 
 def test_grid_mode_on_a_plain_parameter_is_refused():
-    with pytest.raises(ValueError, match="quantized layer"):
+    with pytest.raises(UserError, match="quantized layer"):
         Perturbation(mlp(), mode="grid")
-    with pytest.raises(ValueError, match="one of"):
+    with pytest.raises(UserError, match="one of"):
         Perturbation(mlp(), mode="uniform")
-    with pytest.raises(ValueError, match="nothing"):
+    with pytest.raises(UserError, match="nothing"):
         Perturbation(mlp().requires_grad_(False))
 
 
@@ -132,7 +133,7 @@ def test_shared_directions_draw_one_coordinate_per_tensor_or_row(share):
     else:
         assert torch.allclose(z, z[:, :1, :1].expand_as(z)) and len(set(z.flatten().tolist())) > 1
     assert w.shape == model[0].weight.shape
-    with pytest.raises(ValueError, match="share"):
+    with pytest.raises(UserError, match="share"):
         Perturbation(model, share="column")
 
 
@@ -143,7 +144,7 @@ def test_share_per_role_draws_shared_directions_for_one_role_only():
     z = pert.direction(scale, 5) / scale.detach().abs()
     assert torch.allclose(z, z.flatten()[0].expand_as(z))
     assert len(set(pert.direction(model[0].bias, 5).tolist())) == model[0].bias.numel()
-    with pytest.raises(ValueError, match="role"):
+    with pytest.raises(UserError, match="role"):
         Perturbation(model, share={"scales": "tensor"})
 
 
@@ -199,5 +200,5 @@ def test_scale_per_role_multiplies_that_roles_directions_only():
     torch.testing.assert_close(scaled.direction(q, 4), 0.25 * plain.direction(q, 4), rtol=0, atol=0)
     assert torch.equal(scaled.direction(model[0].bias, 4), plain.direction(model[0].bias, 4))
     for bad in ({"quant": 0.0}, {"scales": 1.0}):
-        with pytest.raises(ValueError, match="positive multiplier"):
+        with pytest.raises(UserError, match="positive multiplier"):
             Perturbation(model, scale=bad)

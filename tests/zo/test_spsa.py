@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from qat.errors import UserError
 from qat.nn.linear import QuantLinear
 from qat.quantizers import LSQ
 from qat.zo import ZOSGD, Perturbation
@@ -136,11 +137,11 @@ def test_state_dict_round_trip_resumes_the_seed_stream():
 def test_bad_arguments_are_refused():
     lin = nn.Linear(3, 2)
     for kwargs, match in (({"eps": 0.0}, "eps"), ({"n": 0}, "n="), ({"lr": -1.0}, "lr")):
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(UserError, match=match):
             ZOSGD(lin.parameters(), **kwargs)
     with pytest.raises(RuntimeError, match="Perturbation"):
         ZOSGD(lin.parameters()).estimate(lambda: 0.0)
     frozen = nn.Linear(2, 2).requires_grad_(False)
     model = nn.ModuleDict({"a": lin, "b": frozen})
-    with pytest.raises(ValueError, match="does not move"):
+    with pytest.raises(UserError, match="does not move"):
         ZOSGD(model.parameters()).attach(Perturbation(model))

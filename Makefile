@@ -24,9 +24,11 @@ $(STAMP): pyproject.toml Makefile
 train: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/qat-train $(ARGS)
 
+# ruff first (seconds), then the tests and the docstring examples of qat/ in one pytest run.
 test: install
+	$(BIN)/ruff check qat tests benchmarks launch
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline \
-	  $(BIN)/python -m pytest -q
+	  $(BIN)/python -m pytest -q --doctest-modules qat tests
 
 # The slow tests also run llama.cpp on our GGUF exports: llama-cpp-python has no wheel here, so it is
 # built once from PyPI's source distribution (several minutes; GGML_NATIVE=OFF avoids CPU paths the

@@ -255,22 +255,25 @@ DISTILL = ("smollm2_w4_lsq", "smollm2_w2_lsq", "smollm2_ternary_seq")
 KD = "module.objective.kd_weight=1"
 
 
+def _distilled(entry: dict) -> bool:
+    """Whether the run distilled: the overrides it ran with (``overrides_at_run`` where the recipe's default changed since)."""
+    ran = entry.get("overrides_at_run") or entry.get("overrides") or []
+    return any(o.replace(" ", "") in (KD, "module.objective.kd_weight=1.0") for o in ran)
+
+
 def distill(r: dict) -> str:
     """Cross-entropy against KL distillation from the FP model, from the runs in ``recipes.json``.
 
-    For each recipe: its own run (labels, the recipe's steps), the same steps with distillation, and
-    distillation at the same training time as the label run (fewer steps: a distillation step
-    also runs the teacher).
+    For each recipe every run of it, labels first: the steps and the train time say which budget
+    two rows share (a distillation step also runs the teacher).
     """
     rows = ["| recipe | objective | steps | train time | held-out QAT | gap recovered vs FP / FP-ft | out-of-domain QAT | x FP "
             "| gap recovered vs FP / FP-ft |", "|---|---|---|---|---|---|---|---|---|"]
     for name in DISTILL:
-        for key, e in sorted(((k, e) for k, e in r.items() if k == name or k.startswith(f"{name} {KD}")), key=lambda kv: len(kv[0])):
-            m = e.get("metrics")
-            if not m:
-                continue
-            objective = "labels (CE)" if key == name else ("distillation (KL), same steps" if "max_steps" not in key
-                                                             else "distillation (KL), same train time")
+        runs = [e for k, e in r.items() if k.split(" ", 1)[0] == name and e.get("metrics")]
+        for e in sorted(runs, key=lambda e: (_distilled(e), e["metrics"]["steps"])):
+            m = e["metrics"]
+            objective = "distillation (KL)" if _distilled(e) else "labels (CE)"
             ratio = f"{m['ppl_qat_ood'] / m['ppl_fp_ood']:.2f}" if m.get("ppl_qat_ood") and m.get("ppl_fp_ood") else "-"
             rows.append(f"| `{name}` | {objective} | {m['steps']} | {_num(m.get('train_seconds'), '.0f')} s | {_num(m.get('ppl_qat'))} | "
                         f"{_gap(m, '')} | **{_num(m.get('ppl_qat_ood'))}** | {ratio} | **{_gap(m, '_ood')}** |")

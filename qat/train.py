@@ -34,6 +34,7 @@ def prepare(cfg: DictConfig) -> dict:
     """Everything that needs no model: quantizer factories (dry-run built), output directory, wandb mode."""
     check_trainer(cfg)
     check_forward_only(cfg)
+    fit_warmup(cfg)
     run_dir = Path(cfg.paths.output_dir)
     if (run_dir / "metrics.json").exists():
         raise UserError(f"{run_dir} already holds a finished run (metrics.json); pick another hydra.run.dir")
@@ -59,6 +60,21 @@ def prepare(cfg: DictConfig) -> dict:
     if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
         os.environ["WANDB_MODE"] = "offline"
     return quant
+
+
+def fit_warmup(cfg: DictConfig) -> None:
+    """A run shortened below its schedule's warm-up (``trainer.max_steps=2`` on a recipe that warms up
+    for 5 steps) warms up over all of its steps, with a warning, instead of failing after the references."""
+    from omegaconf import open_dict
+
+    sched = cfg.optim.get("scheduler")
+    steps = cfg.trainer.get("max_steps")
+    if sched is None or not sched.get("warmup_steps") or not steps or steps < 0 or sched.warmup_steps <= steps:
+        return
+    log.warning("optim.scheduler.warmup_steps=%d is longer than trainer.max_steps=%d: warming up over all %d steps",
+                sched.warmup_steps, steps, steps)
+    with open_dict(cfg):
+        cfg.optim.scheduler.warmup_steps = int(steps)
 
 
 def check_arguments(factory, key: str) -> None:

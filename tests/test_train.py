@@ -294,3 +294,13 @@ def test_a_run_reports_both_texts_the_fp_fine_tune_and_tasks_and_qat_eval_repeat
     assert exported["tasks"][task]["value"] == m["tasks"][task]["qat"]
     with pytest.raises(UserError, match="--tasks"):
         evaluate(tmp_path / "a" / "export")
+
+
+def test_a_run_shorter_than_its_warmup_warms_up_over_all_its_steps(tmp_path, caplog):
+    cfg = cfg_for(["recipe=smollm2_w4_lsq", "trainer.max_steps=2"], tmp_path)
+    assert cfg.optim.scheduler.warmup_steps == 5
+    train.fit_warmup(cfg)
+    assert cfg.optim.scheduler.warmup_steps == 2 and "warming up over all 2 steps" in caplog.text
+    cfg = cfg_for(["recipe=smollm2_w4_lsq"], tmp_path)
+    train.fit_warmup(cfg)
+    assert cfg.optim.scheduler.warmup_steps == 5  # a run longer than its warm-up keeps it

@@ -117,7 +117,8 @@ TORCHAO_TERNARY = (
 # at least as good at w4 (<=), strictly better at w2 and ternary; w3 is reported without a target
 TARGETS = {"w4": "at_least", "w2": "more", "ternary": "more"}
 NOTES = [
-    "Every row of a width: the same batches in the same order, steps, tokens, seed and gradient clipping (1.0; none for the "
+    "Every row of a width: the same batches in the same order, steps, tokens, seed, objective (labels: kd_weight=0 "
+    "for the recipes that distill by default) and gradient clipping (1.0; none for the "
     "forward-only row, which follows its recipe: ZOSGD at a constant rate, two forward passes a step).",
     "LSQ+ at w4 and w3 has no recipe of its own: it runs smollm2_w4_lsq / smollm2_w3_lsq with quant=w4_lsqplus / w3_lsqplus.",
     "torchao rows use the width's reference recipe's AdamW settings and schedule: weights lr, quant_lr for its learned scales "
@@ -144,7 +145,11 @@ PRESETS = {
 
 
 def compose(overrides: list[str], steps: int):
-    """The ``qat-train`` config for ``overrides``, with ``steps`` optimizer steps (warm-up clipped to them)."""
+    """The ``qat-train`` config for ``overrides``, with ``steps`` optimizer steps (warm-up clipped to them).
+
+    Every row trains on the labels (``kd_weight=0``), as torchao's rows do: the recipes that distill by
+    default are compared here on the same objective as their peers.
+    """
     from omegaconf import open_dict
 
     from qat.config import compose as compose_run
@@ -152,6 +157,8 @@ def compose(overrides: list[str], steps: int):
     cfg = compose_run(overrides)
     with open_dict(cfg):
         cfg.trainer.max_steps = steps
+        if "kd_weight" in cfg.module.get("objective", {}):
+            cfg.module.objective.kd_weight = 0.0
         sched = cfg.optim.get("scheduler")
         if sched is not None and "warmup_steps" in sched:
             sched.warmup_steps = min(int(sched.warmup_steps), steps)

@@ -38,7 +38,7 @@ test-slow: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q -m slow
 
 # The benchmarks in their quick setting (about an hour on 2 CPU cores; each script alone is one
-# command, see README "Measured"), then the README tables from their JSON files.
+# command, see docs/RESULTS.md), then the tables of docs/RESULTS.md and README.md from their JSON files.
 bench: install
 	$(BIN)/python -c "import torchao, matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[bench]"
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline sh -c '\

@@ -1,0 +1,40 @@
+"""Each recipe's ``target:`` (what it is measured against) and how ``benchmarks/report.py`` checks it."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from qat.config import compose, recipe_names
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import report  # noqa: E402
+
+METRICS = {"ppl_qat", "ppl_qat_ood", "ppl_fp", "ppl_fp_ood", "ppl_fp_ft", "ppl_fp_ft_ood", "gap_recovered", "gap_recovered_ood",
+           "gap_recovered_fp_ft", "gap_recovered_fp_ft_ood", "cos_qat"}
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_target_is_well_formed_and_composes(name):
+    target = report.recipe_target(name)
+    assert compose([f"recipe={name}"]).get("target") == target  # the same node qat-train carries, null when absent
+    if target is None:
+        return
+    assert target["what"]
+    for check in target["checks"]:
+        assert check["metric"] in METRICS
+        over = check.get("over")
+        assert over is None or over in METRICS or over.split(":", 1)[1] in recipe_names()
+
+
+def test_target_met_by_hand():
+    runs = {"base": {"metrics": {"ppl_qat": 20.0}}}
+    ratio = {"what": "<= 1.3x FP", "checks": [{"metric": "ppl_qat", "over": "ppl_fp", "at_most": 1.3}]}
+    assert report.target_met(ratio, {"ppl_qat": 13.0, "ppl_fp": 10.0}, runs) is True     # 1.3 <= 1.3
+    assert report.target_met(ratio, {"ppl_qat": 13.1, "ppl_fp": 10.0}, runs) is False
+    assert report.target_met(ratio, {"ppl_qat": 13.0}, runs) is None                     # no FP: not measured
+    other = {"what": "< base", "checks": [{"metric": "ppl_qat", "over": "recipe:base", "below": 1},
+                                          {"metric": "gap_recovered", "at_least": 0.5}]}
+    assert report.target_met(other, {"ppl_qat": 19.9, "gap_recovered": 0.5}, runs) is True
+    assert report.target_met(other, {"ppl_qat": 20.0, "gap_recovered": 0.9}, runs) is False  # 20 / 20 is not below 1
+    assert report.target_met(other, {"ppl_qat": 19.0, "gap_recovered": 0.4}, runs) is False

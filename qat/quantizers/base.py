@@ -36,7 +36,9 @@ LEARNED_EPS = 1e-5  # floor for learned scales (ParetoQ's clamp): s <= 0 would d
 class Codes:
     """Integer codes of one tensor and the parameters that turn them back into values.
 
-    ``value = (codes - zero) * scale + offset``, computed on the grouped view in float32.
+    ``value = (codes - zero) * scale + offset``, computed on the grouped view in float32. For
+    floating-point formats (``qat.fp_formats``) the codes are the format's bit patterns and
+    ``table`` gives their values: ``value = table[codes] * scale``.
 
     Attributes:
         codes: integer tensor with the shape of the quantized tensor, values in ``[lo, hi]``.
@@ -47,6 +49,13 @@ class Codes:
         bias: a per-output-row term the layer adds to its output (Tequila's folded dead-zone
             bias), or None.
         lo, hi: the code range; bits: storage bits; granularity, group_size: the grouping.
+        table: float32 value of each code (FP formats: 16 E2M1 values, 256 FP8 values), or None
+            for integer codes. ``scale`` is then the float32 scale the forward multiplies by (for
+            NVFP4 the product of the E4M3 block scale and the tensor scale), not float16-bound.
+        format: the FP format's name (``"nvfp4"``, ``"mxfp4"``, ``"fp8_e4m3"``, ...), or None.
+        scale_codes: the block scales as stored (uint8: E4M3 bytes for NVFP4, E8M0 biased
+            exponents for MXFP4), shape ``(rows, n_groups, 1)``, or None.
+        tensor_scale: NVFP4's float32 per-tensor scale (``scale = E4M3(scale_codes) * tensor_scale``), or None.
     """
 
     codes: torch.Tensor
@@ -59,10 +68,15 @@ class Codes:
     zero: torch.Tensor | None = None
     offset: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    table: torch.Tensor | None = None
+    format: str | None = None
+    scale_codes: torch.Tensor | None = None
+    tensor_scale: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         """The quantized values, float32, bitwise equal to the quantizer's eval forward."""
-        g = group_view(self.codes, self.granularity, self.group_size).float()
+        g = group_view(self.codes, self.granularity, self.group_size)
+        g = g.float() if self.table is None else self.table.to(g.device)[g.long()]
         if self.zero is not None:
             g = g - self.zero
         out = g * self.scale

@@ -111,8 +111,12 @@ class FPFormat:
     def step(self, v: torch.Tensor) -> torch.Tensor:
         """Spacing of the levels around ``v`` (a power of two; no gradient), ``|v|`` clamped to ``max``."""
         a = v.detach().abs().clamp(max=self.max)
-        _, e = torch.frexp(a)  # a = m * 2^e with m in [0.5, 1): floor(log2 a) = e - 1 (a = 0 gives e = 0)
-        e = torch.clamp_min(e - 1, self.emin) - self.mbits
+        if a.dtype == torch.float32:  # from the bits, several times faster than frexp + ldexp on CPU
+            # floor(log2 a) is the biased exponent field minus 127 (0 and float32 subnormals read -127, below emin)
+            e = (a.view(torch.int32) >> 23).sub_(127).clamp_(min=self.emin).sub_(self.mbits)
+            return e.add_(127).bitwise_left_shift_(23).view(torch.float32)
+        _, e = torch.frexp(a)  # a = m * 2^e with m in [0.5, 1): floor(log2 a) = e - 1
+        e = torch.where(a > 0, e - 1, self.emin).clamp_min(self.emin) - self.mbits
         return torch.ldexp(torch.ones_like(a), e)
 
     def round(self, v: torch.Tensor) -> torch.Tensor:

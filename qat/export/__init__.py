@@ -96,6 +96,12 @@ def _check(model: nn.Module, out_dir: Path, format: str, overwrite: bool):
             f"{len(cold)} weight quantizer(s) are not initialised (e.g. {cold[0]!r}): run a forward pass, "
             "call quantizer.init_(weight), or load the trained checkpoint's state dict before exporting"
         )
+    fp = [n for n, m in layers if getattr(m.weight_quantizer, "format", None) is not None]
+    if fp and format != "hf":  # their codes index a table of FP values: the integer writers would misread them
+        raise UserError(
+            f"{len(fp)} layer(s) (e.g. {fp[0]!r}) quantize to a floating-point format (FP4/FP8), which the {format!r} "
+            "export does not write yet: use format='hf' (dense weights), or export.enabled=false"
+        )
     if out_dir.exists() and not overwrite:
         raise UserError(f"export directory {out_dir} already exists: pick another one or pass overwrite=True")
     return importlib.import_module(f"qat.export.{FORMATS[format]}")

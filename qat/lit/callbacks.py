@@ -13,7 +13,8 @@ rounding as the forward and the export)::
 grid and the zero-point code of an asymmetric one alike. ``clip_frac`` compares the error with
 half the step of the weight's own group: rounding inside the grid errs by at most ``s / 2``, so
 larger errors are the clipped weights (for TWN, whose scale is not its rounding step, it counts
-weights far from their level instead).
+weights far from their level instead). For floating-point codes (FP4, FP8), whose spacing grows
+with the value, it counts the weights beyond the largest level (``|w| > 6 s`` for E2M1).
 
 ``PerplexityPlot`` keeps the validation perplexity of each validation run and draws it at the end
 of ``fit`` against the FP and round-to-nearest (PTQ) references as a W&B line plot.
@@ -84,12 +85,16 @@ def layer_stats(layer: nn.Module, previous_codes: torch.Tensor | None = None) ->
     c = quantizer.codes(w)
     w_hat = c.dequantize()
     n = w_hat.numel()
-    err = group_view((w_hat - w.float()).abs_(), c.granularity, c.group_size)
+    if c.table is None:
+        clipped = group_view((w_hat - w.float()).abs_(), c.granularity, c.group_size) > c.scale * (0.5 + CLIP_TOL)
+    else:  # FP formats: the spacing grows with the value; clipped = beyond the largest level (saturated)
+        top = c.table[torch.isfinite(c.table)].abs().max()
+        clipped = group_view(w.float().abs(), c.granularity, c.group_size) > c.scale * top * (1 + CLIP_TOL)
     counts = torch.stack(
         [
             c.scale.mean(),
             torch.count_nonzero(w_hat == 0).float(),
-            torch.count_nonzero(err > c.scale * (0.5 + CLIP_TOL)).float(),
+            torch.count_nonzero(clipped).float(),
         ]
     ).tolist()  # one device sync per layer
     codes = c.codes.to("cpu")

@@ -270,3 +270,18 @@ def test_integer_exports_refuse_fp_codes(format, tmp_path):
     with pytest.raises(UserError, match="floating-point format"):
         export_(model, tmp_path / "out", format=format)
     assert not (tmp_path / "out").exists()
+
+
+def test_quant_stats_count_saturated_values_as_clipped():
+    from qat.lit.callbacks import layer_stats
+    from qat.nn import QuantLinear
+
+    layer = QuantLinear.from_float(torch.nn.Linear(16, 1, bias=False), FP4("nvfp4", scale="lsq"))
+    q = layer.weight_quantizer
+    q.tensor_scale.fill_(2.0**-8)
+    q.scale.data.fill_(0.5)
+    # -3.4 and 3.5 saturate; 2.5 (v = 5, a tie, to 4) errs by 0.5 > s / 2 but is rounded, not clipped
+    layer.weight.data.copy_(torch.tensor([X[:-1] + [2.5]]))
+    stats, codes = layer_stats(layer)
+    assert stats["clip_frac"] == 2 / 16 and stats["step"] == 0.5 and stats["zero_frac"] == 8 / 16
+    assert codes.dtype == torch.uint8

@@ -7,7 +7,7 @@ then swaps modules, so a bad argument raises before the model has changed at all
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from qat.nn.linear import QuantLinear, is_conv1d
 from qat.quantizers.base import Quantizer
 
 Factory = Callable[[], Quantizer]
+Rule = tuple[str, Mapping[str, Factory | None]]  # (glob pattern, {"weight" | "activation": factory or None})
 
 
 def _as_patterns(patterns: str | Iterable[str] | None, what: str) -> tuple[str, ...]:
@@ -66,6 +67,7 @@ def quantize_(
     include: str | Iterable[str] = ("*",),
     exclude: str | Iterable[str] | None = None,
     embedding: Factory | None = None,
+    rules: Sequence[Rule] = (),
 ) -> nn.Module:
     """Replace matching ``nn.Linear`` / ``Conv1D`` layers (and optionally embeddings) in place.
 
@@ -82,6 +84,11 @@ def quantize_(
             (``get_output_embeddings()``, tied to the embeddings in most LMs); pass ``()`` to
             quantize it too.
         embedding: factory of a weight quantizer for matching ``nn.Embedding`` layers, or None.
+        rules: per-layer settings, an ordered list of ``(pattern, {"weight": factory, "activation":
+            factory})``: a linear layer selected by include/exclude takes the factories of the first
+            rule whose glob pattern matches its name (a key the rule leaves out keeps ``weight`` /
+            ``activation``; a factory None leaves that part float, both None the whole layer).
+            Mixed precision: ``[("model.layers.0.*", {"weight": w4}), ("*.mlp.*", {"weight": w2})]``.
 
     Returns:
         The same model.
@@ -89,7 +96,8 @@ def quantize_(
     Raises:
         UserError: a pattern that matches no layer, no layer selected, a group size that does not
             divide a layer's ``in_features``, a model already quantized, NaN/inf in a weight, a
-            factory that does not build a Quantizer, a non-floating-point weight.
+            factory that does not build a Quantizer, a non-floating-point weight, a rule whose
+            pattern matches no selected layer or whose keys are not ``weight`` / ``activation``.
 
     Example:
         >>> from functools import partial
@@ -99,7 +107,11 @@ def quantize_(
         >>> type(m[0]).__name__
         'QuantLinear'
     """
-    if weight is None and activation is None and embedding is None:
+    rules = list(rules)
+    for pattern, parts in rules:
+        if not isinstance(pattern, str) or not set(parts) <= {"weight", "activation"}:
+            raise UserError(f"a rule is (glob pattern, {{'weight': factory, 'activation': factory}}), got ({pattern!r}, {dict(parts)!r})")
+    if weight is None and activation is None and embedding is None and not rules:
         raise UserError("quantize_ needs at least one of weight=, activation= or embedding= (quantizer factories)")
     include = _as_patterns(include, "include")
     explicit_exclude = exclude is not None
@@ -126,6 +138,10 @@ def quantize_(
     targets = [n for n in candidates if _matches(n, include) and not _matches(n, exclude) and n not in skip]
     if not targets:
         raise UserError(f"include={include} and exclude={exclude} leave no layer to quantize")
+    for pattern, _ in rules:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in targets if n not in embeddings):
+            raise UserError(f"rule pattern {pattern!r} matches no layer that include/exclude select; layer names look like: "
+                            f"{', '.join(targets[:3])}, ...")
 
     # Build and initialise every quantizer before touching the model.
     plan = []
@@ -135,8 +151,11 @@ def quantize_(
         if not torch.is_floating_point(w):
             raise UserError(f"{name}: weight has dtype {w.dtype}; only floating-point weights can be fake-quantized")
         is_emb = name in embeddings
-        wq = _build(embedding if is_emb else weight, "embedding" if is_emb else "weight")
-        aq = None if is_emb else _build(activation, "activation")
+        rule = {} if is_emb else next((parts for pattern, parts in rules if fnmatch.fnmatchcase(name, pattern)), {})
+        wq = _build(embedding if is_emb else rule.get("weight", weight), "embedding" if is_emb else "weight")
+        aq = None if is_emb else _build(rule.get("activation", activation), "activation")
+        if wq is None and aq is None:
+            continue  # a rule (or no weight= and activation=) leaves this layer float
         if wq is not None:
             latent = w if is_emb or not is_conv1d(module) else w.t()
             wq.check(latent.shape, name)

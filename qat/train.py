@@ -24,7 +24,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from qat.config import config_dir, make, register_recipes
+from qat.config import config_dir, make, map_factories, quantizer_factories, register_recipes
 from qat.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("qat.train")
@@ -46,17 +46,15 @@ def prepare(cfg: DictConfig) -> dict:
     if launch_rank() == 0:  # the ranks of a distributed run share the run directory
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)  # what qat-eval rebuilds the model from
     check_eval(cfg)
-    quant = {}
-    for key in ("weight", "activation", "embedding"):
-        node = cfg.quant.get(key)
-        if node is not None:
-            factory = make(node, f"quant.{key}")
-            check_arguments(factory, f"quant.{key}")
-            try:
-                factory()  # dry run: bad bits or granularity fail here, before the model loads
-            except UserError as e:
-                raise UserError(f"quant.{key}: {e}") from None
-            quant[key] = factory
+    quant = quantizer_factories(cfg)
+    named = [(f"quant.{k}", f) for k, f in quant.items() if k != "rules"]
+    named += [(f"quant.rules[{i}].{k}", f) for i, (_, parts) in enumerate(quant.get("rules", [])) for k, f in parts.items() if f]
+    for key, factory in named:
+        check_arguments(factory, key)
+        try:
+            factory()  # dry run: bad bits or granularity fail here, before the model loads
+        except UserError as e:
+            raise UserError(f"{key}: {e}") from None
     if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
         os.environ["WANDB_MODE"] = "offline"
     return quant
@@ -210,7 +208,7 @@ def run(cfg: DictConfig) -> float:
         metrics.update(suite.texts(fp, "fp", teacher=fp, measure=cached))
         add_tasks(metrics, "fp", suite.task_scores(fp, tokenizer))
         ptq = copy.deepcopy(fp)
-        rtn = {k: ptq_factory(f) for k, f in quant.items()}
+        rtn = map_factories(quant, ptq_factory)
         qat.quantize_(ptq, **rtn, include=list(cfg.quant.include), exclude=cfg.quant.exclude)
         metrics.update(suite.texts(ptq, "ptq", teacher=fp))
         add_tasks(metrics, "ptq", suite.task_scores(ptq, tokenizer))

@@ -149,3 +149,36 @@ def test_minilm_and_gpt2_from_config_run_after_quantize():
     out = gpt2(torch.randint(0, 128, (2, 9)), labels=torch.randint(0, 128, (2, 9)))
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+# ---------------------------------------------------------------- per-layer rules (mixed precision)
+
+
+def _three_blocks():
+    torch.manual_seed(0)
+    return nn.ModuleDict({f"b{i}": nn.ModuleDict({"attn": nn.Linear(64, 64), "mlp": nn.Linear(64, 64)}) for i in range(3)})
+
+
+def test_rules_first_match_wins_and_missing_keys_keep_the_default():
+    m = _three_blocks()
+    w4 = functools.partial(LSQ, bits=4, granularity="group", group_size=32)
+    rules = [("b0.*", {"weight": functools.partial(MinMax, bits=8, granularity="channel")}),  # first: b0.mlp takes 8 bits, not 2
+             ("*.mlp", {"weight": functools.partial(MinMax, bits=2, granularity="group", group_size=32, symmetric=False)}),
+             ("b2.attn", {"weight": None}),                                          # left float
+             ("b1.attn", {"activation": functools.partial(MinMax, bits=8, granularity="token")})]  # weight key left out: w4
+    qat.quantize_(m, weight=w4, rules=rules)
+    bits = {f"{b}.{k}": (m[b][k].weight_quantizer.grid.bits if isinstance(m[b][k], QuantLinear) else None)
+            for b in m for k in m[b]}
+    assert bits == {"b0.attn": 8, "b0.mlp": 8, "b1.attn": 4, "b1.mlp": 2, "b2.attn": None, "b2.mlp": 2}
+    assert type(m["b2"]["attn"]) is nn.Linear
+    assert m["b1"]["attn"].act_quantizer is not None and m["b0"]["attn"].act_quantizer is None
+
+
+def test_rules_that_match_nothing_or_have_other_keys_are_refused_before_any_change():
+    m = _three_blocks()
+    w4 = functools.partial(LSQ, bits=4, granularity="group", group_size=32)
+    with pytest.raises(UserError, match="rule pattern 'b9.*' matches no layer"):
+        qat.quantize_(m, weight=w4, rules=[("b0.*", {"weight": w4}), ("b9.*", {"weight": w4})])
+    with pytest.raises(UserError, match="a rule is"):
+        qat.quantize_(m, weight=w4, rules=[("b0.*", {"bits": 4})])
+    assert not any(isinstance(x, QuantLinear) for x in m.modules())

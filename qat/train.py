@@ -49,6 +49,11 @@ def prepare(cfg: DictConfig) -> dict:
     quant = quantizer_factories(cfg)
     named = [(f"quant.{k}", f) for k, f in quant.items() if k != "rules"]
     named += [(f"quant.rules[{i}].{k}", f) for i, (_, parts) in enumerate(quant.get("rules", [])) for k, f in parts.items() if f]
+    if cfg.quant.get("plan") and cfg.quant.plan.get("bits") is not None:  # mixed precision: each candidate, dry-run too
+        from qat.plan import candidate_nodes
+
+        named += [(f"quant.plan.candidates.{k}", make(node, f"quant.plan.candidates.{k}"))
+                  for k, node in candidate_nodes(cfg.quant.plan, cfg.quant.get("weight")).items()]
     for key, factory in named:
         check_arguments(factory, key)
         try:
@@ -192,6 +197,14 @@ def run(cfg: DictConfig) -> float:
     log.info("model %s loaded (%.1f s)", cfg.model.name, time.perf_counter() - t0)
     datamodule = make(cfg.data, "data", tokenizer=tokenizer)
     datamodule.setup("fit")
+    plan = None
+    if cfg.quant.get("plan") and cfg.quant.plan.get("bits") is not None:  # mixed precision: plan, then the rules are the run's
+        from qat.plan import plan_into_run
+
+        t_plan = time.perf_counter()
+        plan = plan_into_run(cfg, model, datamodule, run_dir)
+        quant = quantizer_factories(cfg)
+        log.info("planned in %.1f s: %.3f bits per weight", time.perf_counter() - t_plan, plan.average_bits)
     objective = make(cfg.module.objective, "module.objective")
     metric = objective.metric
     suite = build_suite(cfg, tokenizer, objective, list(datamodule.val_dataloader()))
@@ -236,6 +249,8 @@ def run(cfg: DictConfig) -> float:
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if plan is not None and (run_dir / "plan.png").exists() and hasattr(lg, "log_image"):  # wandb: the plan's plot
+            lg.log_image(key="plan", images=[str(run_dir / "plan.png")])
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
     callbacks += adapter.callbacks() if adapter is not None else []
     # without our checkpoint callback (~callbacks.checkpoint) no checkpoint is written, rather than
@@ -270,6 +285,8 @@ def run(cfg: DictConfig) -> float:
         quant=OmegaConf.to_container(cfg.quant, resolve=True),
         recipe=cfg.get("recipe_name"),
     )
+    if plan is not None:
+        metrics["plan"] = {k: v for k, v in plan.summary().items() if k in ("bits", "average_bits", "method")}
     for lg in loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, step=trainer.global_step)
         lg.finalize("success")

@@ -68,7 +68,7 @@ def _group_options():
 
 @pytest.mark.parametrize("group,option", list(_group_options()))
 def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
-    overrides = [f"{group}={option}"]
+    overrides = [f"plan@quant.plan={option}" if group == "plan" else f"{group}={option}"]  # plan is mounted at quant.plan
     if group == "data" and option == "sentences":
         overrides.append("model=minilm")
     if group == "module" and option == "zo":  # forward-only: its optimizer, and the toy model's weights move
@@ -76,7 +76,7 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
     if group == "module" and option == "embedding_kd":  # the default recipe distills a causal LM (objective.kd_weight)
         overrides.append("recipe=minilm_w4_kd")
     cfg = cfg_for(overrides, tmp_path)
-    node = cfg[group] if group != "debug" else cfg.trainer
+    node = {"debug": cfg.trainer, "plan": cfg.quant.plan}.get(group) or cfg[group]
     container = OmegaConf.to_container(node, resolve=True)
     if group == "module":
         module = instantiate(node, model=torch.nn.Linear(4, 4), teacher=torch.nn.Linear(4, 4))
@@ -90,6 +90,9 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
         for key in ("weight", "activation"):
             if node.get(key) is not None:
                 assert instantiate(node[key])() is not None
+    elif group == "plan":
+        for candidate in node.candidates.values():
+            assert instantiate(candidate)() is not None
     elif group == "adapter":
         adapter = instantiate(node)
         assert callable(adapter.apply_) and isinstance(adapter.callbacks(), list)

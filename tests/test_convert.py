@@ -149,3 +149,15 @@ def test_minilm_and_gpt2_from_config_run_after_quantize():
     out = gpt2(torch.randint(0, 128, (2, 9)), labels=torch.randint(0, 128, (2, 9)))
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+def test_iter_codes_yields_every_quantized_weight_in_module_order():
+    m = Toy()
+    qat.quantize_(m, weight=LSQ4, include=["block.*"])
+    m.embed = QuantEmbedding.from_float(m.embed, MinMax(bits=4, granularity="channel"))
+    m.lm_head = QuantLinear.from_float(m.lm_head, None, PACT(bits=8))
+    got = list(qat.iter_codes(m))
+    assert [n for n, _, _ in got] == ["embed", "block.q_proj", "block.up_proj", "block.down_proj"]  # lm_head: activations only
+    for name, layer, codes in got:
+        assert layer is m.get_submodule(name)
+        assert torch.equal(codes.dequantize(), layer.weight_quantizer(layer.latent_weight()).detach())

@@ -46,7 +46,7 @@ the seed-replayed update for the forward-only row (``ZOModule.training_step``'s 
 constant rate, no clipping). Quantizers are initialised as ``qat-train`` does (``quantize_`` from the
 weights, then the adapter's ``apply_``). Held-out: the FIRST ``--heldout-blocks`` blocks of
 the shipped corpus (``qat.corpus.token_blocks``), never trained on; training uses the blocks after
-them. Perplexity (``qat.eval.perplexity``) is measured with the fake quantizers active at step 0,
+them. Perplexity (``qat.metrics.perplexity``) is measured with the fake quantizers active at step 0,
 every ``--eval-every`` steps and at the end.
 
 Per row: PTQ perplexity on its own grid, QAT perplexity, x FP, the fraction of the PTQ-to-FP
@@ -365,7 +365,7 @@ def train(model, module, adapter, batches, heldout, eval_steps, device, start=No
 
     from qat.adapters import L4Q
     from qat.adapters.l4q import set_l4q_stage_
-    from qat.eval import perplexity
+    from qat.metrics import perplexity
 
     config = module.configure_optimizers()
     opt = config["optimizer"] if isinstance(config, dict) else config
@@ -633,8 +633,8 @@ def main() -> None:
 
     import qat
     from qat.corpus import shipped_text, token_blocks
-    from qat.eval import perplexity
     from qat.lit.data import stream_batch_indices
+    from qat.metrics import perplexity
     from qat.models import load_model
     from qat.runtime import tune_malloc
     from qat.train import ptq_factory

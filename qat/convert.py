@@ -15,7 +15,7 @@ from torch import nn
 from qat.errors import UserError
 from qat.nn.embedding import QuantEmbedding
 from qat.nn.linear import QuantLinear, is_conv1d
-from qat.quantizers.base import Quantizer
+from qat.quantizers.base import Codes, Quantizer
 
 Factory = Callable[[], Quantizer]
 Rule = tuple[str, Mapping[str, Factory | None]]  # (glob pattern, {"weight" | "activation": factory or None})
@@ -193,6 +193,28 @@ def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantLinear | Quan
     for name, m in model.named_modules():
         if isinstance(m, (QuantLinear, QuantEmbedding)):
             yield name, m
+
+
+@torch.no_grad()
+def iter_codes(model: nn.Module) -> Iterator[tuple[str, QuantLinear | QuantEmbedding, Codes]]:
+    """``(name, layer, codes)`` for every quantized weight, in module order: what every exporter writes.
+
+    ``codes`` is the weight quantizer's ``codes(W)`` of the layer's ``(out, in)`` latent weight
+    (``latent_weight()``; an embedding's table), eval rounding: its ``dequantize()`` is the weight
+    the layer computes with in eval mode, bitwise. Layers that quantize only their input
+    activations have no weight codes and are skipped. One layer's codes are made at a time.
+
+    Example:
+        >>> from functools import partial
+        >>> from qat.quantizers import MinMax
+        >>> model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> _ = quantize_(model, weight=partial(MinMax, bits=4), include=["0"])
+        >>> [(name, codes.codes.dtype, codes.scale.shape) for name, _, codes in iter_codes(model)]
+        [('0', torch.int8, torch.Size([4, 1, 1]))]
+    """
+    for name, layer in quantized_layers(model):
+        if layer.weight_quantizer is not None:
+            yield name, layer, layer.weight_quantizer.codes(layer.latent_weight().detach())
 
 
 @torch.no_grad()

@@ -182,3 +182,15 @@ def test_rules_that_match_nothing_or_have_other_keys_are_refused_before_any_chan
     with pytest.raises(UserError, match="a rule is"):
         qat.quantize_(m, weight=w4, rules=[("b0.*", {"bits": 4})])
     assert not any(isinstance(x, QuantLinear) for x in m.modules())
+
+
+def test_iter_codes_yields_every_quantized_weight_in_module_order():
+    m = Toy()
+    qat.quantize_(m, weight=LSQ4, include=["block.*"])
+    m.embed = QuantEmbedding.from_float(m.embed, MinMax(bits=4, granularity="channel"))
+    m.lm_head = QuantLinear.from_float(m.lm_head, None, PACT(bits=8))
+    got = list(qat.iter_codes(m))
+    assert [n for n, _, _ in got] == ["embed", "block.q_proj", "block.up_proj", "block.down_proj"]  # lm_head: activations only
+    for name, layer, codes in got:
+        assert layer is m.get_submodule(name)
+        assert torch.equal(codes.dequantize(), layer.weight_quantizer(layer.latent_weight()).detach())

@@ -263,8 +263,8 @@ def test_memory_switches_train_to_the_same_loss(tmp_path):
 def test_a_run_reports_both_texts_the_fp_fine_tune_and_tasks_and_qat_eval_repeats_them(tmp_path, local_task, monkeypatch):
     """eval.ood, eval.fp_finetune and eval.tasks in one run: every model on every text and task, the gaps by
     their formula, the FP fine-tune read back from the cache by an identical run, qat-eval on the run and its export."""
-    from qat.eval import gap_recovered
     from qat.evaluate import evaluate
+    from qat.metrics import gap_recovered
     from tests.test_tasks import hand_accuracy
 
     monkeypatch.setenv("QAT_CACHE", str(tmp_path / "cache"))

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qat.convert import iter_codes
 from qat.errors import UserError
 from qat.nn.embedding import QuantEmbedding
 from qat.nn.linear import QuantLinear
@@ -173,16 +174,13 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path) -> dict:
         raise ImportError("the compressed-tensors export needs the compressed-tensors package: pip install 'qat[export]'") from e
     from safetensors.torch import save_file
 
-    layers: dict[str, tuple[Codes, tuple[int, int]]] = {}
     for name, m in model.named_modules():
         if isinstance(m, QuantEmbedding):
             raise UserError(f"{name}: pack-quantized quantizes Linear layers; keep the embeddings in float (exclude them)")
         if getattr(m, "act_quantizer", None) is not None:
             raise UserError(f"{name} quantizes its input activations; the pack-quantized export is weight-only: "
                             "export with activation quantization switched off")
-        if isinstance(m, QuantLinear) and m.weight_quantizer is not None:
-            w = m.latent_weight().detach().float()
-            layers[name] = (m.weight_quantizer.codes(w), tuple(w.shape))
+    layers = {name: (codes, tuple(codes.codes.shape)) for name, _, codes in iter_codes(model)}
     if not layers:
         raise UserError("the model holds no quantized Linear layer: nothing to export as pack-quantized")
 

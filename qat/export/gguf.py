@@ -50,6 +50,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from torch import nn
 
+from qat.convert import iter_codes, quantized_layers
 from qat.errors import UserError
 from qat.nn.embedding import QuantEmbedding
 from qat.nn.linear import QuantLinear
@@ -261,7 +262,8 @@ def _tensors(model: nn.Module, ternary: str) -> list[tuple[str, np.ndarray, T | 
     """``(hf_name, array, qtype)`` for every tensor llama.cpp needs; qtype None for float arrays."""
     cfg = model.config
     heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding)) and m.weight_quantizer is not None}
+    quantized = {n for n, m in quantized_layers(model) if m.weight_quantizer is not None}
+    codes_in_order = iter_codes(model)  # the same module walk as below: one layer's codes made at a time
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied_plain = head is not None and head.weight is embed.weight and not isinstance(head, QuantLinear) and not isinstance(embed, QuantEmbedding)
     inside = tuple(n + "." for n in quantized)  # their quantizers' parameters are not tensors of the model
@@ -276,9 +278,8 @@ def _tensors(model: nn.Module, ternary: str) -> list[tuple[str, np.ndarray, T | 
                 "activations its own way: export with activation quantization switched off"
             )
         if name in quantized:
-            w = module.latent_weight() if isinstance(module, QuantLinear) else module.weight
-            codes = module.weight_quantizer.codes(w.detach().float())
-            shape = tuple(w.shape)
+            _, _, codes = next(codes_in_order)
+            shape = tuple(codes.codes.shape)
             qtype = ggml_type(codes, shape[1], ternary, name)
             out.append((name + ".weight", encode(codes, shape, qtype, n_head), qtype))
             bias = None if isinstance(module, QuantEmbedding) or module.bias is None else module.bias.detach().float().cpu()

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.convert import quantized_layers
+from qat.convert import iter_codes, quantized_layers
 from qat.errors import UserError
 from qat.export.pack import pack, packed_numel, unpack
 from qat.nn.embedding import QuantEmbedding
@@ -74,11 +74,10 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path, ternary_layout: str = "base
     if not hasattr(model, "config") or not hasattr(model.config, "save_pretrained"):
         raise UserError("the packed format rebuilds a transformers model from its config: model has no .config")
     tensors, layers, skip = {}, {}, set()
-    for name, layer in quantized_layers(model):
+    for name, _ in quantized_layers(model):
         skip.add(f"{name}.act_quantizer.")  # activation quantization is not exported (see pack_layer)
-        if layer.weight_quantizer is None:
-            continue  # activation-only: the weight stays a plain tensor of the state dict
-        spec, parts = pack_layer(name, layer, ternary_layout)
+    for name, layer, codes in iter_codes(model):  # activation-only layers' weights stay plain tensors
+        spec, parts = pack_layer(name, layer, codes, ternary_layout)
         layers[name] = spec
         tensors.update({f"{name}.{k}": v for k, v in parts.items()})
         skip |= {f"{name}.weight", f"{name}.weight_quantizer."}
@@ -96,15 +95,14 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path, ternary_layout: str = "base
     return {"architecture": type(model).__name__, "dtype": str(dtype).removeprefix("torch."), "weights": WEIGHTS, "layers": layers}
 
 
-def pack_layer(name: str, layer: QuantLinear | QuantEmbedding, ternary_layout: str = "base3") -> tuple[dict, dict]:
-    """``(spec, tensors)`` of one quantized layer: its codes packed, its scales in float16.
+def pack_layer(name: str, layer: QuantLinear | QuantEmbedding, codes: Codes, ternary_layout: str = "base3") -> tuple[dict, dict]:
+    """``(spec, tensors)`` of one quantized layer: its ``codes`` (from ``iter_codes``) packed, its scales in float16.
 
     Raises:
         UserError: scales or offsets that float16 does not hold exactly.
     """
     embedding = isinstance(layer, QuantEmbedding)
-    weight = layer.weight if embedding else layer.latent_weight()
-    codes = layer.weight_quantizer.codes(weight)
+    weight = layer.latent_weight()
     levels = codes.hi - codes.lo + 1
     bits = max(1, math.ceil(math.log2(levels)))
     layout = ternary_layout if levels == 3 else "bits"
@@ -325,7 +323,7 @@ def requantize_(model: nn.Module) -> nn.Module:
     """Turn a ``load_packed`` model's packed layers back into ``QuantLinear`` / ``QuantEmbedding``, in place.
 
     Each gets its dequantized weight and a ``qat.quantizers.Frozen`` quantizer holding the packed
-    codes, so ``export_`` can write the same codes in another format (hf, gguf, compressed-tensors).
+    codes (``Frozen(layer.codes())``), so ``export_`` can write the same codes in another format (hf, gguf, compressed-tensors).
 
     Example:
         >>> export_(requantize_(load_packed("out/w4")), "out/w4-gguf", format="gguf")  # doctest: +SKIP

@@ -42,6 +42,10 @@ TERNARY = {
 CASES = [(f"{n}-w{b}", f(b)) for n, f in QUANTIZERS.items() for b in BITS] + [(f"ternary-{n}", f) for n, f in TERNARY.items()]
 
 
+def _codes(layer):
+    return layer.weight_quantizer.codes(layer.latent_weight())
+
+
 def _trained_layer(factory, seed=0):
     """A QuantLinear whose learned parameters moved away from their init (as training moves them)."""
     gen = torch.Generator().manual_seed(seed)
@@ -60,7 +64,7 @@ def _trained_layer(factory, seed=0):
 @pytest.mark.parametrize("factory", [c[1] for c in CASES], ids=[c[0] for c in CASES])
 def test_packed_weight_equals_fake_quant_bitwise(factory):
     layer = _trained_layer(factory)
-    spec, parts = pack_layer("layer", layer)
+    spec, parts = pack_layer("layer", layer, _codes(layer))
     packed = PackedLinear(spec, parts, layer.bias.detach())
     w_hat, _ = layer.quantized_weight()
     assert torch.equal(packed.dequantized_weight(), w_hat.detach())
@@ -75,14 +79,14 @@ def test_packed_weight_equals_fake_quant_bitwise(factory):
 
 def test_layout_metadata_and_ternary_layouts():
     layer = _trained_layer(TERNARY["absmean"])
-    spec, parts = pack_layer("l", layer)
+    spec, parts = pack_layer("l", layer, _codes(layer))
     assert spec["layout"] == "base3" and spec["bits"] == 2 and parts["qweight"].numel() == -(-24 * 48 // 5)
     assert spec["padding"] == 5 * parts["qweight"].numel() - 24 * 48
-    spec4, parts4 = pack_layer("l", layer, ternary_layout="bits")
+    spec4, parts4 = pack_layer("l", layer, _codes(layer), ternary_layout="bits")
     assert spec4["layout"] == "bits" and parts4["qweight"].numel() == 24 * 48 // 4
     assert torch.equal(PackedLinear(spec4, parts4).dequantized_weight(), PackedLinear(spec, parts).dequantized_weight())
     layer3 = _trained_layer(QUANTIZERS["lsq"](3))
-    spec3, parts3 = pack_layer("l", layer3)
+    spec3, parts3 = pack_layer("l", layer3, _codes(layer3))
     assert (spec3["bits"], spec3["lo"], spec3["hi"], spec3["group_size"]) == (3, -4, 3, 16)
     assert parts3["qweight"].numel() == 24 * 48 * 3 // 8
 
@@ -91,9 +95,8 @@ def test_scales_that_float16_cannot_hold_are_refused():
     layer = _trained_layer(QUANTIZERS["lsq"](4))
     codes = layer.weight_quantizer.codes(layer.latent_weight())
     codes.scale = codes.scale + 1e-7  # what a quantizer training in float32 would export
-    layer.weight_quantizer.codes = lambda w: codes
     with pytest.raises(UserError, match="not float16 values"):
-        pack_layer("l", layer)
+        pack_layer("l", layer, codes)
 
 
 # -- whole models -----------------------------------------------------------------------------------

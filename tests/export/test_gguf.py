@@ -230,3 +230,30 @@ def test_hf_to_gguf_rows_inverts_transformers_reverse_permute():
         w = np.arange(n_kv * 64 * 3).reshape(n_kv * 64, 3)
         back = LlamaTensorProcessor()._reverse_permute_weights(qgguf.hf_to_gguf_rows(w, n_kv), n_head, n_kv)
         assert np.array_equal(back, w)
+
+
+def test_a_planned_mix_exports_each_tensor_in_its_own_type_bitwise(smollm2, tmp_path):
+    """Issue 18: a plan (qat.plan, Fisher on two calibration blocks) over blocks 0-1 with candidates GGUF holds
+    (ternary per row, int4 g32, int8 g32) becomes rules; the GGUF file has each tensor's own type, values exact."""
+    from qat.plan import make_plan
+
+    model = copy.deepcopy(smollm2[0])
+    names = [f"model.layers.{i}.{p}" for i in (0, 1) for p in PROJ]
+    nodes = {"ternary": {"_target_": "qat.quantizers.Ternary", "_partial_": True, "method": "absmean", "granularity": "channel"},
+             "w4": {"_target_": "qat.quantizers.MinMax", "_partial_": True, "bits": 4, "granularity": "group", "group_size": 32},
+             "w8": {"_target_": "qat.quantizers.MinMax", "_partial_": True, "bits": 8, "granularity": "group", "group_size": 32}}
+    ids = smollm2[1]("def f(x):\n    return [y * 2 for y in x]  # a list comprehension", return_tensors="pt").input_ids
+    plan = make_plan(model, names, nodes, [ids], bits=3.5, method="fisher")
+    assert len({c for _, c, _, _ in plan.chosen()}) > 1, plan.table()  # a real mix
+    from hydra.utils import instantiate
+
+    rules = [(r["pattern"], {"weight": instantiate(r["weight"])}) for r in plan.rules()]
+    quantize_(model, include=["model.layers.0.*", "model.layers.1.*"], rules=rules)
+    qgguf.save(model, smollm2[1], tmp_path)
+    reader = gguf.GGUFReader(tmp_path / qgguf.FILENAME)
+    expected = {"ternary": ("TQ2_0", "Q4_0"), "w4": ("Q4_0",), "w8": ("Q8_0",)}  # ternary rows of 576 fall back to Q4_0
+    for name, cand, _, _ in plan.chosen():
+        i, proj = name.split(".")[2], name.split(".", 3)[3]
+        qtype, w = gguf_to_hf(reader, f"blk.{i}.{PROJ[proj]}.weight", name, model.config)
+        assert qtype in expected[cand], (name, cand, qtype)
+        assert torch.equal(w, ours(model, name).dequantize()), name

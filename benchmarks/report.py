@@ -305,12 +305,63 @@ def run_summary(r: dict) -> str:
     return "```\n" + summary(r["smollm2_w4_lsq"]["metrics"], "ppl").rstrip() + "\n```"
 
 
+def uniform_bits(quant: dict) -> float | None:
+    """Storage bits per weight of a uniform weight grid (``metrics.json``'s ``quant``), as ``qat.allocation`` counts them:
+    code bits (ternary 1.6) + 16 per scale and per zero point or offset, over the group."""
+    w = quant.get("weight") or {}
+    if quant.get("rules") or w.get("granularity") != "group":
+        return None
+    ternary = w.get("_target_", "").endswith("Ternary")
+    params = 1 if ternary or (w.get("symmetric", True) and not w.get("offset")) else 2
+    return (1.6 if ternary else w["bits"]) + 16 * params / w["group_size"]
+
+
+MIXED_RECIPE = "smollm2_w2_lsq"
+
+
+def mixed(r: dict) -> str:
+    """Planned mixed precision (``quant.plan.bits``) against uniform grids, same recipe and budget, from ``recipes.json``."""
+    runs = []
+    for key, e in r.items():
+        m = e.get("metrics")
+        if key.split(" ", 1)[0] != MIXED_RECIPE or not m or not m.get("ppl_qat_ood"):
+            continue
+        plan = m.get("plan")
+        bits = plan["average_bits"] if plan else uniform_bits(m.get("quant", {}))
+        if bits is not None:
+            runs.append((bits, plan, _distilled(e), m))
+    rows = ["| weights | bits per weight | objective | steps | PTQ held out | PTQ out of domain | QAT held out | QAT out of domain | "
+            "beats every uniform grid of as many or more bits (PTQ / QAT, both texts) |", "|---|---|---|---|---|---|---|---|---|"]
+    for bits, plan, kd, m in sorted(runs, key=lambda x: (x[0], x[2], x[3]["steps"])):
+        label = f"plan at {plan['bits']} ({plan['method']})" if plan else _weights(m.get("quant", {}))
+        verdict = ""
+        if plan:
+            wider = [x[3] for x in runs if not x[1] and x[0] >= bits and x[2] == kd and x[3]["steps"] == m["steps"]]
+            if wider:
+                ok = [all(m[f"ppl_{s}{t}"] < u[f"ppl_{s}{t}"] for u in wider for t in ("", "_ood")) for s in ("ptq", "qat")]
+                verdict = " / ".join("yes" if x else "**no**" for x in ok)
+            else:
+                verdict = "no uniform run to compare"
+        rows.append(f"| {label} | {bits:.3f} | {'distillation' if kd else 'labels'} | {m['steps']} | {_num(m.get('ppl_ptq'))} | {_num(m.get('ppl_ptq_ood'))} | "
+                    f"**{_num(m.get('ppl_qat'))}** | **{_num(m.get('ppl_qat_ood'))}** | {verdict} |")
+    rows.append(f"\nEvery row one `qat-train recipe={MIXED_RECIPE}` run with the recipe's steps, schedule and objective "
+                "(`benchmarks/recipes.py " + MIXED_RECIPE + " -- quant.plan.bits=B` for a plan, `-- quant=NAME` for a uniform grid); "
+                "bits per weight count codes, scales, zero points and offsets (`qat.allocation`). The plan chooses per layer among "
+                "ternary, 2, 3, 4 and 8 bits (`configs/plan/default.yaml`) by the KL of that layer alone quantized, on 2 calibration blocks "
+                "of the training split.")
+    return "\n".join(rows)
+
+
 DISTILL = ("smollm2_w4_lsq", "smollm2_w2_lsq", "smollm2_ternary_seq")
 KD = "module.objective.kd_weight=1"
 
 
 def _distilled(entry: dict) -> bool:
-    """Whether the run distilled: the overrides it ran with (``overrides_at_run`` where the recipe's default changed since)."""
+    """Whether the run distilled: its recorded objective; else the overrides it ran with against the recipe's default
+    of that time (``overrides_at_run`` for runs made before the default changed, against labels)."""
+    objective = (entry.get("metrics") or {}).get("objective")
+    if objective is not None:
+        return float(objective.get("kd_weight") or 0) > 0
     ran = entry.get("overrides_at_run") or entry.get("overrides") or []
     return any(o.replace(" ", "") in (KD, "module.objective.kd_weight=1.0") for o in ran)
 
@@ -338,12 +389,13 @@ def distill(r: dict) -> str:
     return "\n".join(rows)
 
 
-SOURCES = {"distill": "recipes", "headline": "recipes", "run_summary": "recipes"}  # tables rendered from another table's results file
+SOURCES = {"distill": "recipes", "headline": "recipes", "run_summary": "recipes", "mixed": "recipes"}  # tables rendered from another table's results file
 
 TABLES = {
     "recipes": recipes,
     "distill": distill,
     "headline": headline,
+    "mixed": mixed,
     "run_summary": run_summary,
     "deadzone": deadzone,
     "deadzone_lam": deadzone_lam,

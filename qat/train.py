@@ -284,6 +284,7 @@ def run(cfg: DictConfig) -> float:
         model=cfg.model.name,
         quant=OmegaConf.to_container(cfg.quant, resolve=True),
         recipe=cfg.get("recipe_name"),
+        objective=OmegaConf.to_container(cfg.module.objective, resolve=True),
     )
     if plan is not None:
         metrics["plan"] = {k: v for k, v in plan.summary().items() if k in ("bits", "average_bits", "method")}

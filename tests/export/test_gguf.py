@@ -144,7 +144,8 @@ def test_embedding_head_float_tensors_tokenizer_and_metadata(exported, smollm2):
     assert read("blk.9.ffn_norm.weight")[0] == "F32"
     assert torch.equal(read("blk.9.ffn_norm.weight")[1], norm)
     qtype, w = gguf_to_hf(reader, "blk.8.attn_k.weight", "model.layers.8.self_attn.k_proj", model.config)
-    assert torch.equal(w, model.model.layers[8].self_attn.k_proj.weight.detach())  # unquantized layers: permuted back exactly
+    assert qtype == "F16"  # unquantized matrices in the model's 16-bit dtype, permuted back exactly
+    assert torch.equal(w, model.model.layers[8].self_attn.k_proj.weight.detach().half().float())
     fields = reader.fields
     assert fields["general.architecture"].contents() == "llama"
     assert fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
@@ -231,3 +232,14 @@ def test_hf_to_gguf_rows_inverts_transformers_reverse_permute():
         w = np.arange(n_kv * 64 * 3).reshape(n_kv * 64, 3)
         back = LlamaTensorProcessor()._reverse_permute_weights(qgguf.hf_to_gguf_rows(w, n_kv), n_head, n_kv)
         assert np.array_equal(back, w)
+
+
+def test_unquantized_matrices_follow_the_16_bit_dtype_and_vectors_stay_f32():
+    t = torch.randn(4, 32) * 0.1
+    a, raw = qgguf._float_array(t)
+    assert a.dtype == np.float16 and raw is None and torch.equal(torch.from_numpy(a).float(), t.half().float())
+    a, raw = qgguf._float_array(t, torch.bfloat16)
+    assert raw == gguf.GGMLQuantizationType.BF16
+    assert torch.equal(torch.from_numpy(np.array(gguf.quants.dequantize(a, raw))), t.bfloat16().float())
+    assert qgguf._float_array(t[0])[0].dtype == np.float32  # a norm
+    assert qgguf._float_array(t, torch.float32)[0].dtype == np.float32  # not float16 values: kept exactly

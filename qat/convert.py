@@ -83,7 +83,12 @@ def quantize_(
         exclude: glob patterns to leave alone. None (the default) excludes the model's output head
             (``get_output_embeddings()``, tied to the embeddings in most LMs); pass ``()`` to
             quantize it too.
-        embedding: factory of a weight quantizer for matching ``nn.Embedding`` layers, or None.
+        embedding: factory of a weight quantizer for the model's input embedding
+            (``get_input_embeddings()``, whatever ``include`` says) and for ``nn.Embedding``
+            layers ``include`` matches, or None. An output head tied to a quantized embedding
+            (the same weight Parameter) becomes a ``QuantLinear`` sharing the embedding's
+            quantizer: one table, one set of codes, stored once by the exporters; name the head
+            in ``exclude`` to keep it multiplying by the float table instead.
         rules: per-layer settings, an ordered list of ``(pattern, {"weight": factory, "activation":
             factory})``: a linear layer selected by include/exclude takes the factories of the first
             rule whose glob pattern matches its name (a key the rule leaves out keeps ``weight`` /
@@ -125,6 +130,7 @@ def quantize_(
 
     linears = {n: m for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or is_conv1d(m))}
     embeddings = {n: m for n, m in model.named_modules() if n and isinstance(m, nn.Embedding)} if embedding else {}
+    input_embedding = _input_embedding_names(model) & set(embeddings)
     candidates = {**linears, **embeddings}
     if not candidates:
         raise UserError("the model has no nn.Linear / Conv1D layers to quantize")
@@ -135,7 +141,7 @@ def quantize_(
                 sample = ", ".join(list(candidates)[:5])
                 raise UserError(f"{kind} pattern {p!r} matches no layer; layer names look like: {sample}, ...")
     skip = set() if explicit_exclude else _output_head_names(model)
-    targets = [n for n in candidates if _matches(n, include) and not _matches(n, exclude) and n not in skip]
+    targets = [n for n in candidates if (_matches(n, include) or n in input_embedding) and not _matches(n, exclude) and n not in skip]
     if not targets:
         raise UserError(f"include={include} and exclude={exclude} leave no layer to quantize")
     for pattern, _ in rules:
@@ -165,10 +171,36 @@ def quantize_(
                 raise UserError(f"{name}: {e}") from None
         plan.append((name, module, wq, aq, is_emb))
 
+    plan = _tie_heads(model, plan, exclude)
     for name, module, wq, aq, is_emb in plan:
         new = QuantEmbedding.from_float(module, wq) if is_emb else QuantLinear.from_float(module, wq, aq)
         _set_module(model, name, new)
     return model
+
+
+def _input_embedding_names(model: nn.Module) -> set[str]:
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except NotImplementedError:
+        return set()
+    return {name for name, m in model.named_modules() if emb is not None and m is emb}
+
+
+def _tie_heads(model: nn.Module, plan: list, exclude: tuple[str, ...]) -> list:
+    """``plan`` where a head tied to a planned embedding shares that embedding's quantizer.
+
+    The tied head multiplies by the same table the embedding looks up, so both see one quantized
+    table (and an export stores its codes once). A head ``exclude`` names stays float.
+    """
+    tables = {id(module.weight): wq for _, module, wq, _, is_emb in plan if is_emb and wq is not None}
+    heads = [n for n in _output_head_names(model) if not _matches(n, exclude)]
+    for name in heads:
+        head = model.get_submodule(name)
+        wq = tables.get(id(getattr(head, "weight", None)))
+        if wq is not None and isinstance(head, nn.Linear):
+            plan = [entry for entry in plan if entry[0] != name] + [(name, head, wq, None, False)]
+    return plan
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
@@ -183,8 +215,16 @@ def dequantize_(model: nn.Module) -> nn.Module:
     names = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
     if not names:
         raise UserError("the model holds no QuantLinear / QuantEmbedding layer: nothing to dequantize")
+    tables = {}  # (weight, quantizer) of each quantized embedding -> its plain replacement
     for name in names:
-        _set_module(model, name, model.get_submodule(name).to_float())
+        layer = model.get_submodule(name)
+        key = (id(layer.weight), id(layer.weight_quantizer))
+        plain = layer.to_float()
+        if isinstance(layer, QuantLinear) and key in tables:  # a head tied to a quantized embedding stays tied
+            plain.weight = tables[key].weight
+        if isinstance(layer, QuantEmbedding):
+            tables[key] = plain
+        _set_module(model, name, plain)
     return model
 
 

@@ -299,7 +299,7 @@ def run(cfg: DictConfig) -> float:
 
         save_adapters(module.model, run_dir / "adapter")  # peft's format (scale-only: its own file)
     if cfg.export.enabled:  # after save_adapters: export merges adapters into the model
-        exported = export_run(module.model, tokenizer, run_dir, cfg.export.format, trainer)
+        exported = export_run(module.model, tokenizer, run_dir, cfg.export.format, trainer, cfg.export.unquantized_dtype)
         if exported is not None:  # None: skipped (a sharded model; qat-export works from the checkpoint)
             metrics["export"] = str(exported)
     write_json(run_dir / "metrics.json", metrics)
@@ -307,7 +307,7 @@ def run(cfg: DictConfig) -> float:
     return metrics[f"{metric}_qat"]
 
 
-def export_run(model, tokenizer, run_dir: Path, format: str, trainer) -> Path | None:
+def export_run(model, tokenizer, run_dir: Path, format: str, trainer, unquantized_dtype: str = "auto") -> Path | None:
     """Rank 0: the trained model in ``run_dir/export`` (packed) or ``run_dir/export-<format>``."""
     from torch.distributed.tensor import DTensor
 
@@ -318,7 +318,7 @@ def export_run(model, tokenizer, run_dir: Path, format: str, trainer) -> Path | 
         return None
     out = run_dir / ("export" if format == "packed" else f"export-{format}")
     try:
-        return export_(model, out, format=format, tokenizer=tokenizer, overwrite=True)
+        return export_(model, out, format=format, tokenizer=tokenizer, overwrite=True, unquantized_dtype=unquantized_dtype)
     except UserError as e:
         raise UserError(f"export: {e} (set export.enabled=false to skip the export)") from None
 

@@ -69,6 +69,54 @@ def test_explicit_empty_exclude_quantizes_the_head_and_embedding_factory():
     assert m(torch.randint(0, 50, (1, 4))).shape == (1, 4, 50)
 
 
+class ToyLM(Toy):
+    def get_input_embeddings(self):
+        return self.embed
+
+
+def test_embedding_factory_quantizes_the_input_embedding_and_the_head_tied_to_it():
+    m = ToyLM()
+    qat.quantize_(m, weight=LSQ4, include="block.*", embedding=functools.partial(MinMax, bits=8, granularity="channel"))
+    assert isinstance(m.embed, QuantEmbedding)  # the input embedding, though include names the block only
+    assert isinstance(m.lm_head, QuantLinear) and m.lm_head.weight is m.embed.weight
+    assert m.lm_head.weight_quantizer is m.embed.weight_quantizer  # one quantized table for lookup and head
+    ids = torch.randint(0, 50, (1, 4))
+    w_hat = m.embed.weight_quantizer(m.embed.weight)
+    assert torch.equal(m.lm_head.quantized_weight()[0], w_hat)
+    plain = qat.dequantize_(m)
+    assert plain.lm_head.weight is plain.embed.weight and torch.equal(plain.embed.weight, w_hat)  # still tied
+    assert plain(ids).shape == (1, 4, 50)
+
+
+def test_a_head_named_in_exclude_stays_float_beside_a_quantized_embedding():
+    m = ToyLM()
+    qat.quantize_(m, weight=LSQ4, include="block.*", exclude=["lm_head"], embedding=functools.partial(MinMax, bits=8, granularity="channel"))
+    assert isinstance(m.embed, QuantEmbedding) and type(m.lm_head) is nn.Linear and m.lm_head.weight is m.embed.weight
+
+
+def test_quant_embedding_in_the_config_is_applied():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qat.config import compose, quantize
+
+    def model():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+
+    cfg = compose(["quant=ternary_seq_g64"])
+    assert cfg.quant.embedding is None  # the main recipe's config: the table stays float
+    plain = model()
+    quantize(cfg, plain)
+    assert type(plain.model.embed_tokens) is nn.Embedding and type(plain.lm_head) is nn.Linear
+    cfg = compose(["quant=ternary_seq_g64", "quant.embedding={_target_:qat.quantizers.MinMax,_partial_:true,bits:8,granularity:channel}"])
+    quantized = model()
+    quantize(cfg, quantized)
+    emb = quantized.model.embed_tokens
+    assert isinstance(emb, QuantEmbedding) and emb.weight_quantizer.bits == 8 and emb.weight_quantizer.granularity == "channel"
+    assert quantized.lm_head.weight_quantizer is emb.weight_quantizer
+
+
 @pytest.mark.parametrize(
     "kwargs, error, words",
     [

@@ -222,9 +222,12 @@ def test_main_turns_a_user_error_into_one_line_and_lets_any_other_error_through(
 
 
 def test_a_run_exports_a_packed_model_that_reproduces_it(tmp_path):
-    cfg = cfg_for(["recipe=smollm2_w4_lsq", "debug=fast", "logger=csv", "eval.before=false", "export.enabled=true", *LM_SMALL], tmp_path)
+    # float32 plain tensors (the default stores them in float16): the logits bitwise
+    cfg = cfg_for(["recipe=smollm2_w4_lsq", "debug=fast", "logger=csv", "eval.before=false", "export.enabled=true",
+                   "export.unquantized_dtype=float32", *LM_SMALL], tmp_path)
     train.run(cfg)
     assert json.loads((tmp_path / "metrics.json").read_text())["export"] == str(tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "quant_config.json").read_text())["unquantized_dtype"] == "float32"
     import qat
     from qat.config import build_model, load_run_config
 

@@ -137,13 +137,15 @@ def test_embedding_head_float_tensors_tokenizer_and_metadata(exported, smollm2):
     embed = model.model.embed_tokens
     assert read("token_embd.weight")[0] == "Q4_0"
     assert torch.equal(read("token_embd.weight")[1], embed.weight_quantizer.codes(embed.weight.detach()).dequantize())
-    assert read("output.weight")[0] in ("F32", "F16")  # the tied head multiplies by the latent table
-    assert torch.equal(read("output.weight")[1], embed.weight.detach())
+    # a head that shares the table but not its quantizer multiplies by the latent table, stored in float16
+    assert read("output.weight")[0] == "F16"
+    assert torch.equal(read("output.weight")[1], embed.weight.detach().half().float())
     norm = model.model.layers[9].post_attention_layernorm.weight.detach()
     assert read("blk.9.ffn_norm.weight")[0] == "F32"
     assert torch.equal(read("blk.9.ffn_norm.weight")[1], norm)
     qtype, w = gguf_to_hf(reader, "blk.8.attn_k.weight", "model.layers.8.self_attn.k_proj", model.config)
-    assert torch.equal(w, model.model.layers[8].self_attn.k_proj.weight.detach())  # unquantized layers: permuted back exactly
+    assert qtype == "F16"  # unquantized matrices in the model's 16-bit dtype, permuted back exactly
+    assert torch.equal(w, model.model.layers[8].self_attn.k_proj.weight.detach().half().float())
     fields = reader.fields
     assert fields["general.architecture"].contents() == "llama"
     assert fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
@@ -257,3 +259,14 @@ def test_a_planned_mix_exports_each_tensor_in_its_own_type_bitwise(smollm2, tmp_
         qtype, w = gguf_to_hf(reader, f"blk.{i}.{PROJ[proj]}.weight", name, model.config)
         assert qtype in expected[cand], (name, cand, qtype)
         assert torch.equal(w, ours(model, name).dequantize()), name
+
+
+def test_unquantized_matrices_follow_the_16_bit_dtype_and_vectors_stay_f32():
+    t = torch.randn(4, 32) * 0.1
+    a, raw = qgguf._float_array(t)
+    assert a.dtype == np.float16 and raw is None and torch.equal(torch.from_numpy(a).float(), t.half().float())
+    a, raw = qgguf._float_array(t, torch.bfloat16)
+    assert raw == gguf.GGMLQuantizationType.BF16
+    assert torch.equal(torch.from_numpy(np.array(gguf.quants.dequantize(a, raw))), t.bfloat16().float())
+    assert qgguf._float_array(t[0])[0].dtype == np.float32  # a norm
+    assert qgguf._float_array(t, torch.float32)[0].dtype == np.float32  # not float16 values: kept exactly

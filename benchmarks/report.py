@@ -95,20 +95,26 @@ def _recipes_by_quant() -> dict[str, list[str]]:
 
 def export_size(r: dict) -> str:
     recipes = _recipes_by_quant()
-    rows = ["| quant config | recipes | bits per weight | packed file (MB) | file / theoretical | max abs logit diff, loaded vs exported |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| quant config | recipes | bits per quantized weight | packed file (MB) | / float16 model | file / theoretical | "
+            "quantized tensors bitwise | max abs logit diff: loaded vs exported (vs float32) |", "|---|---|---|---|---|---|---|---|"]
     for name, v in r["results"].items():
-        used = ", ".join(f"`{x}`" for x in recipes.get(name, [])) or "-"
+        base, _, variant = name.partition("+")
+        used = ", ".join(f"`{x}`" for x in recipes.get(base, [])) or "-"
+        label = f"`{base}`" + (" + 8-bit embedding" if variant == "emb8" else f" + {variant}" if variant else "")
         exact = f"{v['exactness']:.3g}" if "exactness" in v else "-"
-        if "exactness_weights_only" in v:
-            exact += f" ({v['exactness_weights_only']:.3g} without activation quantization)"
-        rows.append(f"| `{name}` | {used} | {v['bits_per_weight']:.3f} | {v['file_bytes'] / 1e6:.1f} | {v['ratio']:.4f} | {exact} |")
-    tokens = sorted({v["exactness_tokens"] for v in r["results"].values() if "exactness_tokens" in v})
-    rows.append(f"\nBits per weight: codes, scales, zero points, offsets and the Tequila bias over the quantized weights; "
-                f"the file also holds the float32 embedding table ({r['results'][next(iter(r['results']))]['unquantized_bytes'] / 1e6:.0f} MB)."
-                + (f" Logit difference: `qat.load_packed` of the export against the fake-quantized model exported (eval mode), "
-                   f"float32 CPU, {'/'.join(map(str, tokens))} held-out tokens; 0 is bitwise equal. The packed format holds weights only: "
-                   f"activation quantization is not part of it." if tokens else ""))
+        if "logit_diff_fp32" in v:
+            exact += f" ({v['logit_diff_fp32']:.2g})"
+        tensors = f"{v['quantized_exact']}/{v['quantized_tensors']}" if "quantized_tensors" in v else "-"
+        fp16 = f"**{v['ratio_to_fp16']:.3f}x**" if "ratio_to_fp16" in v else "-"
+        rows.append(f"| {label} | {used if not variant else '-'} | {v['bits_per_weight']:.3f} | {v['file_bytes'] / 1e6:.1f} | {fp16} | "
+                    f"{v['ratio']:.4f} | {tensors} | {exact} |")
+    dtypes = sorted({v.get("unquantized_dtype", "float32") for v in r["results"].values()})
+    rows.append(f"\nThe float16 model (safetensors, same script): {r['fp16_file_bytes'] / 1e6:.1f} MB. Bits per quantized weight: codes, "
+                f"scales, zero points, offsets and the Tequila bias. Unquantized tensors (the tied embedding table unless quantized) "
+                f"stored in {', '.join(dtypes)}. Logit difference: `qat.load_packed` of the export against the fake-quantized model "
+                "with its plain tensors rounded as stored (0: bitwise), in brackets against the float32 model; float32 CPU, "
+                f"{'/'.join(map(str, sorted({v['exactness_tokens'] for v in r['results'].values() if 'exactness_tokens' in v})))} "
+                "held-out tokens. `.venv/bin/python benchmarks/export_size.py --embedding-bits 8`.")
     return "\n".join(rows)
 
 

@@ -43,7 +43,7 @@ bench: install
 	$(BIN)/python -c "import torchao, matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[bench]"
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline sh -c '\
 	  $(BIN)/python benchmarks/peers_accuracy.py && \
-	  $(BIN)/python benchmarks/peers_overhead.py && \
+	  $(BIN)/python benchmarks/overhead.py && \
 	  $(BIN)/python benchmarks/memory.py --chunked-loss 256 --checkpointing && \
 	  $(BIN)/python benchmarks/export_size.py && \
 	  $(BIN)/python benchmarks/report.py'

@@ -30,7 +30,7 @@ def ptq_baselines(r: dict) -> str:
 def overhead(r: dict) -> str:
     s = r["summary"]
     rows = ["| step | time (s) | step peak memory increase (MB) | process peak RSS (MB) |", "|---|---|---|---|"]
-    for name, label in (("fp", "quantizers off"), ("lsq_w4g32", "LSQ w4 g32")):
+    for name, label in (("fp", "none (plain nn.Linear)"), ("lsq_w4g32", "LSQ w4 g32")):
         v = s[name]
         rows.append(f"| {label} | {v['step_s']:.2f} | {v['step_peak_increase_mb']:.0f} | {v['process_peak_rss_mb']:.0f} |")
     rows.append(

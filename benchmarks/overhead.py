@@ -1,131 +1,243 @@
-"""Cost of fake quantization in a training step: time and peak memory, against the same step without it.
+"""Cost of weight fake quantization in a training step, ours and torchao's, against the same step without it.
 
-One process, one model: SmolLM2-135M (the embedded default), float32 on CPU, batch 4 x 256 tokens of
-the shipped corpus, forward + backward. The quantized variant is LSQ 4-bit group-32 on all 210
-decoder linear layers; the baseline is the *same* model with its quantizers switched off
-(``enabled = False``), so both share weights, data and allocator state. Variants are interleaved
-(A B A B ...) and the median of each is reported.
+SmolLM2-135M (the embedded default), float32, batch 4 x 256 tokens of the shipped corpus, forward +
+backward (no optimizer step), three variants built from the same weights:
 
-Time is measured with the allocator settings ``qat-train`` applies (``qat.runtime.tune_malloc``:
-freed memory stays in the process); ``--no-tune`` measures glibc's defaults instead. Peak memory
-is measured in a second process of the same script (``--memory``), as the resident-set
+* ``fp``: the model as loaded, plain ``nn.Linear`` layers (no fake quantization);
+* ``ours``: LSQ 4-bit symmetric group-32 on the 210 decoder linear layers (``qat.quantize_``,
+  ``include="model.layers.*"``);
+* ``torchao``: torchao's QAT prepare step on the same 210 layers (``QATConfig`` with
+  ``IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True)``: ``FakeQuantizedLinear``,
+  scales recomputed from the weight at every forward). Skipped, with a note, when torchao is not
+  installed (``pip install -e ".[bench]"``).
+
+**Time**: one process holds the three models; after one warm-up step each, steps are interleaved
+(fp, ours, torchao, fp, ...) and the median of ``--repeats`` is reported, with ours / fp and
+torchao / fp. Target: our overhead no larger than torchao's (``ours / fp <= torchao / fp``). The
+allocator is set as ``qat-train`` sets it (``qat.runtime.tune_malloc``: freed memory stays in the
+process; ``--no-tune`` keeps glibc's defaults); on CUDA each step is synchronized before the clock
+stops.
+
+**Memory** (CPU only): each variant in a process of its own (``--variant``), as the resident-set
 high-water mark (VmHWM) during one step, reset before the step through ``/proc/self/clear_refs``,
-with a fixed low glibc mmap threshold so that freed tensors leave the process and the mark
-reflects live memory.
+with a fixed low glibc mmap threshold (``common.LOW_MMAP_ENV``) so that freed tensors leave the
+process and the mark reflects live memory: the step's peak increase over the resident set before
+it, and the process's peak.
 
-    make install && .venv/bin/python benchmarks/overhead.py [--repeats 5] [--threads 2]
+    make install && .venv/bin/pip install -e ".[bench]"   # torchao
+    .venv/bin/python benchmarks/overhead.py [--repeats 5] [--threads 2] [--batch 4] [--seq-len 256] [--device cuda] [--no-tune]
 
-Writes ``benchmarks/results/overhead.json`` and prints a markdown table.
+Writes two results files (``QAT_BENCH_RESULTS`` moves the folder):
+
+* ``benchmarks/results/overhead.json`` (CPU): ours against fp, time and memory (``summary.fp`` and
+  ``summary.lsq_w4g32``: ``step_s``, ``step_peak_increase_mb``, ``process_peak_rss_mb``; ``time_ratio``,
+  ``peak_rss_ratio``, ``step_memory_ratio``);
+* ``benchmarks/results/peers_overhead.json`` (``peers_overhead_cuda.json`` with ``--device cuda``):
+  the three variants' step times (``step_s``), ``ours_over_fp``, ``torchao_over_fp``, ``met``.
+
+``--no-tune`` adds ``_untuned`` to both names. Prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LOW_MMAP_ENV, add_batch_args, write_json  # noqa: E402
-from common import rss_peak_reset as _rss_peak_reset  # noqa: E402
-from common import status_kb as _status_kb  # noqa: E402
+from common import add_batch_args, rss_peak_reset, run_mode, status_kb, write_json  # noqa: E402
+
+VARIANTS = ("fp", "ours", "torchao")
+MEMORY_REPEATS = 2  # steps measured in each memory process (after one warm-up step)
 
 
-def _memory_in_subprocess(argv: list[str]) -> dict:
-    import subprocess
+def decoder_linear(module, fqn: str) -> bool:
+    """The layers both quantize: every ``nn.Linear`` of the decoder blocks (not the tied output head)."""
+    import torch
 
-    env = dict(os.environ, **LOW_MMAP_ENV)
-    out = subprocess.run([sys.executable, __file__, *argv, "--memory"], env=env, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return isinstance(module, torch.nn.Linear) and fqn.startswith("model.layers.")
+
+
+def build_ours(model) -> int:
+    import qat
+    from qat.quantizers import LSQ
+
+    qat.quantize_(model, weight=functools.partial(LSQ, bits=4, granularity="group", group_size=32), include="model.layers.*")
+    return len(list(qat.quantized_layers(model)))
+
+
+def build_torchao(model) -> int:
+    import torch
+    from torchao.quantization import quantize_ as ao_quantize_
+    from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig, QATConfig
+
+    weight = IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True)
+    ao_quantize_(model, QATConfig(weight_config=weight, step="prepare"), filter_fn=decoder_linear)
+    return sum(isinstance(m, FakeQuantizedLinear) and m.weight_fake_quantizer is not None for m in model.modules())
+
+
+BUILD = {"ours": build_ours, "torchao": build_torchao}
+
+
+def torchao_version() -> str | None:
+    try:
+        import torchao
+    except ImportError:
+        return None
+    return torchao.__version__
+
+
+def setup(args, variants: tuple[str, ...]):
+    """``(models, layers, ids)``: the variants built from one loaded model, and the batch."""
+    import torch
+
+    from qat.corpus import shipped_text, token_blocks
+    from qat.models import load_model
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base, tokenizer = load_model(args.model)
+    ids = token_blocks(tokenizer, shipped_text(), args.seq_len)[: args.batch].to(args.device)
+    models, layers = {}, {}
+    for name in variants:
+        models[name] = base if name == variants[-1] else copy.deepcopy(base)  # the last one takes the loaded model itself
+        if name in BUILD:
+            layers[name] = BUILD[name](models[name])
+    for m in models.values():
+        m.to(args.device).train()
+    return models, layers, ids
+
+
+def make_step(model, ids, device: str):
+    """One forward + backward of ``model`` on ``ids``; returns ``(seconds, loss)``; gradients freed after it."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def step() -> tuple[float, float]:
+        model.zero_grad(set_to_none=True)
+        sync()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        sync()
+        seconds = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)  # one model's gradients alive at a time
+        return seconds, loss.item()
+    return step
+
+
+def memory_of(variant: str, args) -> dict:
+    """In this process (started by ``run_mode``): the step-memory figures of one variant alone."""
+    models, _, ids = setup(args, (variant,))
+    step = make_step(models[variant], ids, args.device)
+    step()  # warm-up: allocator, thread pools, lazily built kernels
+    runs = []
+    for _ in range(MEMORY_REPEATS):
+        before = status_kb("VmRSS")
+        rss_peak_reset()
+        models[variant].zero_grad(set_to_none=True)
+        models[variant](input_ids=ids, labels=ids).loss.backward()
+        peak = status_kb("VmHWM")
+        runs.append([(peak - before) / 1024, peak / 1024])
+        models[variant].zero_grad(set_to_none=True)
+    return {"runs": runs}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     add_batch_args(parser)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--no-tune", action="store_true", help="time with glibc's default allocator settings")
-    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=VARIANTS, help=argparse.SUPPRESS)  # a memory process of one variant (run_mode)
     args = parser.parse_args()
-    if not args.memory and not args.no_tune:
+    if args.mode:
+        print(json.dumps(memory_of(args.mode, args)))
+        return
+    if not args.no_tune:
         from qat.runtime import tune_malloc
 
         tune_malloc()
 
     import torch
 
-    import qat
-    from qat.corpus import shipped_text, token_blocks
-    from qat.models import load_model
-    from qat.quantizers import LSQ
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model, tokenizer = load_model(args.model)
-    model.train()
-    ids = token_blocks(tokenizer, shipped_text(), args.seq_len)[: args.batch]
-    qat.quantize_(model, weight=functools.partial(LSQ, bits=4, granularity="group", group_size=32), include="model.layers.*")
-    quantizers = [layer.weight_quantizer for _, layer in qat.quantized_layers(model)]
-
-    def step(quantized: bool) -> tuple[float, float]:
-        for q in quantizers:
-            q.enabled = quantized
-        model.zero_grad(set_to_none=True)
-        before = _status_kb("VmRSS")
-        _rss_peak_reset()
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        seconds = time.perf_counter() - t0
-        peak = _status_kb("VmHWM")
-        return seconds, (peak - before) / 1024, peak / 1024
-
-    step(False), step(True)  # warm-up: allocator, thread pools, lazily built kernels
-    runs = {"fp": [], "lsq_w4g32": []}
+    ao = torchao_version()
+    variants = VARIANTS if ao else VARIANTS[:2]
+    if not ao:
+        print("torchao is not installed (pip install -e '.[bench]'): measuring fp and ours only; peers_overhead.json is not written",
+              file=sys.stderr)
+    models, layers, ids = setup(args, variants)
+    if ao and layers["ours"] != layers["torchao"]:
+        raise RuntimeError(f"the two quantize different layer sets: {layers}")
+    steps = {name: make_step(models[name], ids, args.device) for name in variants}
+    losses = {name: steps[name]()[1] for name in variants}  # warm-up: allocator, thread pools, lazy init (LSQ steps)
+    runs = {name: [] for name in variants}
     for _ in range(args.repeats):
-        for name, quantized in (("fp", False), ("lsq_w4g32", True)):
-            runs[name].append(step(quantized))
+        for name in variants:
+            runs[name].append(steps[name]()[0])
+    del models, steps
+    step_s = {name: statistics.median(rs) for name, rs in runs.items()}
+    suffix = "_untuned" if args.no_tune else ""
+    allocator = "glibc defaults" if args.no_tune else "qat.runtime.tune_malloc (as qat-train)"
+    header = {"batch": args.batch, "seq_len": args.seq_len, "threads": args.threads, "repeats": args.repeats,
+              "layers": layers["ours"], "torch": torch.__version__}
 
-    if args.memory:
-        print(json.dumps({k: [[r[1], r[2]] for r in rs] for k, rs in runs.items()}))
-        return
-    argv = ["--repeats", "2", "--threads", str(args.threads), "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--model", args.model]
-    memory = _memory_in_subprocess(argv)
-    summary = {}
-    for name, rs in runs.items():
-        summary[name] = {
-            "step_s": statistics.median(r[0] for r in rs),
-            "step_peak_increase_mb": statistics.median(m[0] for m in memory[name]),
-            "process_peak_rss_mb": statistics.median(m[1] for m in memory[name]),
+    if args.device == "cpu":
+        argv = ["--threads", str(args.threads), "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--model", args.model]
+        memory = {name: run_mode(__file__, argv, name)["runs"] for name in ("fp", "ours")}
+        summary = {}
+        for key, name in (("fp", "fp"), ("lsq_w4g32", "ours")):
+            summary[key] = {"step_s": step_s[name],
+                            "step_peak_increase_mb": statistics.median(m[0] for m in memory[name]),
+                            "process_peak_rss_mb": statistics.median(m[1] for m in memory[name])}
+        fp, lq = summary["fp"], summary["lsq_w4g32"]
+        result = {
+            "what": f"{args.model} train step (fwd+bwd), float32 CPU, LSQ w4 g32 on the decoder linears vs plain nn.Linear",
+            **header, "allocator": allocator,
+            "runs_time_s": {"fp": runs["fp"], "lsq_w4g32": runs["ours"]},
+            "runs_memory_mb": {"fp": memory["fp"], "lsq_w4g32": memory["ours"]},
+            "summary": summary,
+            "time_ratio": lq["step_s"] / fp["step_s"],
+            "peak_rss_ratio": lq["process_peak_rss_mb"] / fp["process_peak_rss_mb"],
+            "step_memory_ratio": lq["step_peak_increase_mb"] / fp["step_peak_increase_mb"],
         }
-    fp, lq = summary["fp"], summary["lsq_w4g32"]
+        out = write_json("overhead" + suffix, result)
+        print("| variant | step (s) | step peak increase (MB) | process peak RSS (MB) |")
+        print("|---|---|---|---|")
+        for name, s in summary.items():
+            print(f"| {name} | {s['step_s']:.2f} | {s['step_peak_increase_mb']:.0f} | {s['process_peak_rss_mb']:.0f} |")
+        print(f"\ntime ratio {result['time_ratio']:.3f}x, process peak RSS ratio {result['peak_rss_ratio']:.3f}x, "
+              f"step memory ratio {result['step_memory_ratio']:.3f}x  -> {out}\n")
+
+    if not ao:
+        return
+    ours, tao = step_s["ours"] / step_s["fp"], step_s["torchao"] / step_s["fp"]
     result = {
-        "what": "SmolLM2-135M train step (fwd+bwd), float32 CPU, LSQ w4 g32 on 210 decoder linears vs quantizers off",
-        "batch": args.batch,
-        "seq_len": args.seq_len,
-        "threads": args.threads,
-        "repeats": args.repeats,
-        "layers": len(quantizers),
-        "torch": torch.__version__,
-        "allocator": "glibc defaults" if args.no_tune else "qat.runtime.tune_malloc (as qat-train)",
-        "runs_time_s": {k: [r[0] for r in rs] for k, rs in runs.items()},
-        "runs_memory_mb": memory,
-        "summary": summary,
-        "time_ratio": lq["step_s"] / fp["step_s"],
-        "peak_rss_ratio": lq["process_peak_rss_mb"] / fp["process_peak_rss_mb"],
-        "step_memory_ratio": lq["step_peak_increase_mb"] / fp["step_peak_increase_mb"],
+        "what": f"{args.model} train step (fwd+bwd), float32 {args.device}, weight fake quant w4 sym g32 on the decoder linears: "
+                "ours (LSQ) vs torchao (QATConfig IntxFakeQuantizeConfig) vs none",
+        "model": args.model, "device": args.device, **header, "torchao": ao, "allocator": allocator,
+        "warmup_loss": losses,
+        "runs_time_s": runs,
+        "step_s": step_s,
+        "ours_over_fp": ours,
+        "torchao_over_fp": tao,
+        "ours_over_torchao": step_s["ours"] / step_s["torchao"],
+        "target": "ours / fp <= torchao / fp",
+        "met": ours <= tao,
     }
-    out = write_json("overhead_untuned" if args.no_tune else "overhead", result)
-    print("| variant | step (s) | step peak increase (MB) | process peak RSS (MB) |")
-    print("|---|---|---|---|")
-    for name, s in summary.items():
-        print(f"| {name} | {s['step_s']:.2f} | {s['step_peak_increase_mb']:.0f} | {s['process_peak_rss_mb']:.0f} |")
-    print(f"\ntime ratio {result['time_ratio']:.3f}x, process peak RSS ratio {result['peak_rss_ratio']:.3f}x, "
-          f"step memory ratio {result['step_memory_ratio']:.3f}x  -> {out}")
+    out = write_json("peers_overhead" + ("_cuda" if args.device == "cuda" else "") + suffix, result)
+    print("| variant | step (s) | x fp |")
+    print("|---|---|---|")
+    for name, s in step_s.items():
+        print(f"| {name} | {s:.3f} | {s / step_s['fp']:.3f} |")
+    print(f"\nours {ours:.3f}x, torchao {tao:.3f}x over fp; ours <= torchao: {result['met']}  -> {out}")
 
 
 if __name__ == "__main__":

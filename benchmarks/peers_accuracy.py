@@ -4,10 +4,12 @@ Held-out perplexity of the embedded SmolLM2-135M at four weight widths (w4, w3, 
 all 210 decoder linear layers (embeddings and the tied head stay float):
 
 * FP (once), and round-to-nearest (PTQ, no training) on every grid a row below uses;
-* our methods, each built from its recipe exactly as ``qat-train`` builds it (Hydra composes
-  ``recipe=NAME`` and any group override; the quantizer factory, adapter, ``QATModule`` /
-  ``ZOModule``, optimizer groups and schedule are instantiated from that config, so learning
-  rates, ``quant_lr`` / ``adapter_lr`` groups and schedules are the recipe's):
+* our methods, each built and trained from its recipe by ``qat-train``'s own functions
+  (``qat.config.compose`` of ``recipe=NAME`` and any group override, ``load``,
+  ``quantizer_factories``, ``quantize``, then ``qat.train.build_module`` and ``build_trainer``:
+  the recipe's ``QATModule`` / ``ZOModule``, optimizer groups, schedule and trainer settings,
+  adapter callbacks included, so learning rates, ``quant_lr`` / ``adapter_lr`` groups and
+  schedules are the recipe's):
 
   ==========  ===================================================================================
   w4          LSQ (smollm2_w4_lsq), LSQ+ (smollm2_w4_lsq with quant=w4_lsqplus: no LSQ+ recipe
@@ -38,16 +40,17 @@ all 210 decoder linear layers (embeddings and the tied head stay float):
   scales, which ``QATModule.parameter_groups`` puts in the ``quant`` group by name, as ours; the
   ParetoQ alphas are moved there too).
 
-Every row at a width sees the same batches in the same order (``qat.lit.data.stream_batch_indices``
-over the training blocks, seed ``--seed``), the same number of steps and tokens, the same seed
-before the model is built, gradient clipping at 1.0 (backprop rows) and one shared training loop
-(``train``): forward, backward, clip, step, schedule step for backprop rows; two forward passes and
-the seed-replayed update for the forward-only row (``ZOModule.training_step``'s body; its recipe's
-constant rate, no clipping). Quantizers are initialised as ``qat-train`` does (``quantize_`` from the
-weights, then the adapter's ``apply_``). Held-out: the FIRST ``--heldout-blocks`` blocks of
-the shipped corpus (``qat.corpus.token_blocks``), never trained on; training uses the blocks after
-them. Perplexity (``qat.eval.perplexity``) is measured with the fake quantizers active at step 0,
-every ``--eval-every`` steps and at the end.
+Every row, ours and torchao's, trains in one loop: ``qat-train``'s, the Lightning Trainer of its
+recipe's ``trainer`` config (``fit``) on its data module (``TextDataModule`` of the shipped corpus
+with ``--batch``, ``--seq-len`` and ``--heldout-blocks`` x ``--seq-len`` held-out tokens, seed
+``--seed``: the same batches in the same order for every row), the same number of steps and
+tokens, the seed set before the model is built as ``qat-train`` sets it, the recipe's gradient
+clipping (1.0; none for the forward-only row, whose recipe runs ZOSGD at a constant rate, two
+forward passes a step). torchao's fake quantizers go into the reference recipe's model in place
+of ``quantize_``; the rest of their row is the reference recipe's. Held-out: the data module's
+split, the FIRST blocks of the corpus, never trained on. Perplexity (``qat.metrics.perplexity``, a
+Lightning callback; the Trainer's own validation is off) is measured with the fake quantizers
+active at step 0, every ``--eval-every`` steps and at the end.
 
 Per row: PTQ perplexity on its own grid, QAT perplexity, x FP, the fraction of the PTQ-to-FP
 log-perplexity gap recovered, ``(log ppl_ptq - log ppl_qat) / (log ppl_ptq - log ppl_fp)``, both
@@ -71,10 +74,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -117,9 +123,10 @@ TORCHAO_TERNARY = (
 # at least as good at w4 (<=), strictly better at w2 and ternary; w3 is reported without a target
 TARGETS = {"w4": "at_least", "w2": "more", "ternary": "more"}
 NOTES = [
-    "Every row of a width: the same batches in the same order, steps, tokens, seed, objective (labels: kd_weight=0 "
-    "for the recipes that distill by default) and gradient clipping (1.0; none for the "
-    "forward-only row, which follows its recipe: ZOSGD at a constant rate, two forward passes a step).",
+    "Every row of a width trains in qat-train's loop (the recipe's Lightning Trainer, module and data module): the same "
+    "batches in the same order, steps, tokens, seed, objective (labels: kd_weight=0 for the recipes that distill by "
+    "default) and gradient clipping (1.0; none for the forward-only row, which follows its recipe: ZOSGD at a constant "
+    "rate, two forward passes a step).",
     "LSQ+ at w4 and w3 has no recipe of its own: it runs smollm2_w4_lsq / smollm2_w3_lsq with quant=w4_lsqplus / w3_lsqplus.",
     "torchao rows use the width's reference recipe's AdamW settings and schedule: weights lr, quant_lr for its learned scales "
     "and zero points (named *.weight_fake_quantizer.*, the quant group of QATModule.parameter_groups).",
@@ -141,27 +148,34 @@ PRESETS = {
 }
 
 
-# ---------------------------------------------------------------- building the rows
+# ---------------------------------------------------------------- building the rows (qat-train's pieces)
 
 
-def compose(overrides: list[str], steps: int):
-    """The ``qat-train`` config for ``overrides``, with ``steps`` optimizer steps (warm-up clipped to them).
+def settings_overrides(args, steps: int) -> list[str]:
+    """The Hydra overrides every row shares: model, seed, steps, batch, sequence length, held-out split, device."""
+    out = [f"model.name={args.model}", f"seed={args.seed}", f"threads={args.threads}", f"trainer.max_steps={steps}",
+           "data.source=shipped", f"data.batch_size={args.batch}", f"data.seq_len={args.seq_len}",
+           f"data.heldout_tokens={args.heldout_blocks * args.seq_len}", f"paths.output_dir={args.run_root}"]
+    return out + (["trainer=gpu"] if args.device.startswith("cuda") else [])
 
-    Every row trains on the labels (``kd_weight=0``), as torchao's rows do: the recipes that distill by
-    default are compared here on the same objective as their peers.
+
+def compose(overrides: list[str], steps: int, args):
+    """The ``qat-train`` config of ``overrides`` with the shared settings (``settings_overrides``).
+
+    Every row trains on the labels (``kd_weight=0``), as torchao's rows do: the recipes that distill
+    by default are compared here on the same objective as their peers. A schedule warming up for
+    longer than ``steps`` warms up over all of them, as ``qat-train`` does (``qat.train.fit_warmup``).
     """
     from omegaconf import open_dict
 
     from qat.config import compose as compose_run
+    from qat.train import fit_warmup
 
-    cfg = compose_run(overrides)
+    cfg = compose_run([*overrides, *settings_overrides(args, steps)])
     with open_dict(cfg):
-        cfg.trainer.max_steps = steps
         if "kd_weight" in cfg.module.get("objective", {}):
             cfg.module.objective.kd_weight = 0.0
-        sched = cfg.optim.get("scheduler")
-        if sched is not None and "warmup_steps" in sched:
-            sched.warmup_steps = min(int(sched.warmup_steps), steps)
+    fit_warmup(cfg)
     return cfg
 
 
@@ -171,30 +185,29 @@ def recipe_steps(overrides: list[str]) -> int:
     return int(compose_run(overrides).trainer.max_steps)
 
 
-def seed_all(seed: int) -> None:
+def load_run(cfg):
+    """Seed, the pretrained model and the run's data module, in ``qat.train.run``'s order; ``(model, data)``."""
     import lightning as L
 
-    L.seed_everything(seed, verbose=False)
+    from qat.config import load, make
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model, tokenizer = load(cfg)
+    data = make(cfg.data, "data", tokenizer=tokenizer)
+    data.setup("fit")
+    return model, data
 
 
-def build_ours(cfg, args):
-    """Model, module (QATModule / ZOModule) and adapter, in ``qat.train.run``'s order."""
-    from hydra.utils import instantiate
+def build_ours(cfg):
+    """Model, module (QATModule / ZOModule), adapter, quantizer factories and data: ``qat.train.run``'s steps."""
+    from qat.config import make, quantize, quantizer_factories
+    from qat.train import build_module
 
-    import qat
-    from qat.models import load_model
-
-    seed_all(args.seed)
-    model, _ = load_model(args.model)
-    factory = instantiate(cfg.quant.weight)
-    qat.quantize_(model, weight=factory, include=list(cfg.quant.include), exclude=cfg.quant.exclude)
-    adapter = instantiate(cfg.adapter) if cfg.get("adapter") else None
-    if adapter is not None:
-        adapter.apply_(model)
-    objective = instantiate(cfg.module.objective)
-    module = instantiate(cfg.module, model=model, teacher=None, objective=objective)
-    model.to(args.device)
-    return model, module, adapter, factory
+    model, data = load_run(cfg)
+    factories = quantizer_factories(cfg)
+    adapter = quantize(cfg, model, factories)  # qat.quantize_, then the recipe's adapter (or None)
+    module = build_module(cfg, model, make(cfg.module.objective, "module.objective"))
+    return module, adapter, factories, data
 
 
 def torchao_config(ref_factory, range_learning: bool):
@@ -217,55 +230,53 @@ def torchao_config(ref_factory, range_learning: bool):
     return IntxFakeQuantizeConfig(dtype, **kwargs), desc, nearest
 
 
-def build_torchao(ref_cfg, range_learning: bool, first_batch, args):
-    """Our reference recipe's module around a torchao-prepared model (210 decoder linears)."""
-    from hydra.utils import instantiate
+def build_torchao(ref_cfg, range_learning: bool):
+    """Our reference recipe's module around a torchao-prepared model (210 decoder linears); ``(module, info, data)``."""
     from torch import nn
     from torchao.quantization import quantize_ as ao_quantize_
     from torchao.quantization.qat import QATConfig, initialize_fake_quantizers
 
-    from qat.models import load_model
+    from qat.config import make, quantizer_factories
+    from qat.train import build_module
 
-    seed_all(args.seed)
-    model, _ = load_model(args.model)
-    weight_config, desc, nearest = torchao_config(instantiate(ref_cfg.quant.weight), range_learning)
+    model, data = load_run(ref_cfg)
+    weight_config, desc, nearest = torchao_config(quantizer_factories(ref_cfg)["weight"], range_learning)
     ao_quantize_(model, QATConfig(weight_config=weight_config, step="prepare"),
                  filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.startswith("model.layers."))
     n = sum(1 for _, m in model.named_modules() if hasattr(m, "weight_fake_quantizer"))
-    model.to(args.device)
-    if range_learning:  # scales and zero points become Parameters here, before the optimizer is built
-        initialize_fake_quantizers(model, (first_batch.to(args.device),))
-    objective = instantiate(ref_cfg.module.objective)
-    module = instantiate(ref_cfg.module, model=model, teacher=None, objective=objective)
-    return model, module, {"weight_config": repr(weight_config), "grid": desc, "nearest_grid": nearest, "layers": n}
+    if range_learning:  # scales and zero points become Parameters here, before the optimizer is built: on the first training batch
+        first = next(iter(data.train_dataloader()))["input_ids"]
+        initialize_fake_quantizers(model, (first,))
+    module = build_module(ref_cfg, model, make(ref_cfg.module.objective, "module.objective"))
+    return module, {"weight_config": repr(weight_config), "grid": desc, "nearest_grid": nearest, "layers": n}, data
 
 
-def build_torchao_ternary(ref_cfg, kind: str, steps: int, args):
+def build_torchao_ternary(ref_cfg, kind: str, steps: int):
     """torchao's ternary QAT prototypes on the 210 decoder linears, around our reference recipe's module.
 
     ``parq_ste`` / ``parq``: PARQ's ``QuantOptimizer`` wraps the recipe's AdamW (same groups, rates and
-    schedule); the decoder linear weights form its quantized groups (``quant_bits=0``,
-    ``quant_block_size=64``, scale max|w| / 1.5 per group recomputed every step). After each AdamW
-    step on the latent weights it writes the prox of them into the model: ``ProxHardQuant`` (nearest
-    level: the straight-through estimator) or ``ProxPARQ`` (piecewise-affine, annealed from 0 to hard
-    quantization at the last step). ``paretoq``: each linear becomes ParetoQ's ``QuantizeLinear``
-    (``w_bits=0``), alpha = max|w| per row (its ``train.py``), alphas in the ``quant`` group.
+    schedule, the schedule built on the wrapper so that Lightning steps it); the decoder linear weights
+    form its quantized groups (``quant_bits=0``, ``quant_block_size=64``, scale max|w| / 1.5 per group
+    recomputed every step). After each AdamW step on the latent weights it writes the prox of them into
+    the model: ``ProxHardQuant`` (nearest level: the straight-through estimator) or ``ProxPARQ``
+    (piecewise-affine, annealed from 0 to hard quantization at the last step). ``paretoq``: each
+    linear becomes ParetoQ's ``QuantizeLinear`` (``w_bits=0``), alpha = max|w| per row (its
+    ``train.py``), alphas in the ``quant`` group.
 
-    Returns (model, module, info, start): ``start`` quantizes the weights for the step-0
-    evaluation (PARQ holds float weights until its first step) and restores them.
+    Returns (module, info, data, start): ``start`` quantizes the weights for the step-0 evaluation
+    (PARQ holds float weights until its first step) and restores them.
     """
     import contextlib
 
     import torch
-    from hydra.utils import instantiate
     from torch import nn
 
-    from qat.models import load_model
+    from qat.config import make
+    from qat.train import build_module
 
-    seed_all(args.seed)
-    model, _ = load_model(args.model)
+    model, data = load_run(ref_cfg)
     linears = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and fqn.startswith("model.layers.")]
-    objective = instantiate(ref_cfg.module.objective)
+    objective = make(ref_cfg.module.objective, "module.objective")
     start = contextlib.nullcontext
     if kind == "paretoq":
         from torchao.prototype.paretoq.models.utils_quant import QuantizeLinear
@@ -278,8 +289,7 @@ def build_torchao_ternary(ref_cfg, kind: str, steps: int, args):
                 q.weight_clip_val.copy_(m.weight.abs().amax(-1, keepdim=True))
             parent, _, child = fqn.rpartition(".")
             setattr(model.get_submodule(parent), child, q)
-        model.to(args.device)
-        module = instantiate(ref_cfg.module, model=model, teacher=None, objective=objective)
+        module = build_module(ref_cfg, model, objective)
         alphas = {id(p) for n, p in model.named_parameters() if n.endswith("weight_clip_val")}
         lr, wd = module.group_settings["quant"]
         groups = [{**g, "params": [p for p in g["params"] if id(p) not in alphas]} for g in module.parameter_groups()]
@@ -291,11 +301,8 @@ def build_torchao_ternary(ref_cfg, kind: str, steps: int, args):
         from torchao.prototype.parq.optim import ProxHardQuant, ProxPARQ, QuantOptimizer
         from torchao.prototype.parq.quant import TernaryUnifQuantizer
 
-        from qat.lit.module import QATModule
-
         block = PARQ_BLOCK
-        model.to(args.device)
-        module = instantiate(ref_cfg.module, model=model, teacher=None, objective=objective)
+        module = build_module(ref_cfg, model, objective)
         weights = {id(m.weight) for _, m in linears}
         groups = []
         for g in module.parameter_groups():
@@ -305,17 +312,17 @@ def build_torchao_ternary(ref_cfg, kind: str, steps: int, args):
                 groups.append({**g, "params": q, "name": g["name"] + "_ternary", "quant_bits": 0, "quant_block_size": block})
             if rest:
                 groups.append({**g, "params": rest})
-        module.parameter_groups = lambda: groups
-        config = QATModule.configure_optimizers(module)
         prox = ProxHardQuant() if kind == "parq_ste" else ProxPARQ(anneal_start=0, anneal_end=max(1, steps - 1))
         quantizer = TernaryUnifQuantizer()
-        wrapped = QuantOptimizer(config["optimizer"] if isinstance(config, dict) else config, quantizer, prox,
-                                 quant_period=1, quant_per_channel=True)
-        if isinstance(config, dict):
-            config["optimizer"] = wrapped
-        else:
-            config = wrapped
-        module.configure_optimizers = lambda: config
+
+        def configure_optimizers():
+            optimizer = QuantOptimizer(module.optimizer_factory(groups), quantizer, prox, quant_period=1, quant_per_channel=True)
+            if module.scheduler_factory is None:
+                return optimizer
+            scheduler = module.scheduler_factory(optimizer, total_steps=module.total_steps)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+        module.configure_optimizers = configure_optimizers
         qparams = [m.weight for _, m in linears]
 
         @contextlib.contextmanager
@@ -332,7 +339,7 @@ def build_torchao_ternary(ref_cfg, kind: str, steps: int, args):
                         p.copy_(s)
 
         desc = f"ternary max/1.5 g{block}"
-    return model, module, {"kind": kind, "grid": desc, "nearest_grid": False, "layers": len(linears)}, start
+    return module, {"kind": kind, "grid": desc, "nearest_grid": False, "layers": len(linears)}, data, start
 
 
 def on_grid(model) -> bool:
@@ -348,78 +355,69 @@ def on_grid(model) -> bool:
     return True
 
 
-# ---------------------------------------------------------------- the shared loop
+# ---------------------------------------------------------------- the one loop: qat-train's Trainer
 
 
-def train(model, module, adapter, batches, heldout, eval_steps, device, start=None) -> dict:
-    """Train ``model`` on ``batches`` (one per step) with ``module``'s optimizer and schedule; eval at ``eval_steps``.
+def curve_callback(heldout, eval_steps, start=None):
+    """A Lightning callback: held-out perplexity (``qat.metrics.perplexity``) at step 0 and at ``eval_steps``, and step times.
 
-    Backprop modules: forward, backward, clip 1.0, step, schedule step (Lightning's order).
-    Forward-only modules (``ZOModule``): two forward passes under ``inference_mode`` and the
-    seed-replayed update, as ``ZOModule.training_step``. ``start``: a context manager around the
-    step-0 evaluation (a row whose weights are quantized by its optimizer step, not its forward).
+    ``start``: a context manager around the step-0 evaluation (a row whose weights are quantized by
+    its optimizer step, not its forward). Evaluation time is kept apart from training time.
     """
     import contextlib
 
-    import torch
+    import lightning as L
 
-    from qat.adapters import L4Q
-    from qat.adapters.l4q import set_l4q_stage_
-    from qat.eval import perplexity
+    from qat.metrics import perplexity
 
-    config = module.configure_optimizers()
-    opt = config["optimizer"] if isinstance(config, dict) else config
-    sched = config["lr_scheduler"]["scheduler"] if isinstance(config, dict) else None
-    params = [p for g in opt.param_groups for p in g["params"]]
+    class Curve(L.Callback):
+        def __init__(self):
+            self.curve, self.step_s, self.eval_s, self._t = [], [], 0.0, 0.0
+
+        def _evaluate(self, step, model):
+            t = time.perf_counter()
+            self.curve.append([step, perplexity(model, heldout)])
+            self.eval_s += time.perf_counter() - t
+
+        def on_train_start(self, trainer, pl_module):
+            if 0 in eval_steps:
+                with (start or contextlib.nullcontext)():
+                    self._evaluate(0, pl_module.model)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.step_s.append(time.perf_counter() - self._t)
+            if trainer.global_step in eval_steps:
+                self._evaluate(trainer.global_step, pl_module.model)
+
+    return Curve()
+
+
+def fit(cfg, module, data, heldout, eval_steps, callbacks=(), start=None) -> dict:
+    """Train ``module`` as ``qat-train`` does: the Trainer of ``cfg.trainer`` (``qat.train.build_trainer``) on ``data``.
+
+    The recipe's trainer settings hold (gradient clipping, precision, accelerator); Lightning's own
+    validation is off (``limit_val_batches=0``): the curve is measured by ``curve_callback`` on
+    ``heldout``. A non-finite loss (``QATModule`` raises ``FloatingPointError``) ends the row as diverged.
+    """
+    from qat.train import build_trainer
+
+    curve = curve_callback(heldout, eval_steps, start)
+    trainer = build_trainer(cfg, [], [curve, *callbacks], limit_val_batches=0, num_sanity_val_steps=0,
+                            enable_progress_bar=False, enable_model_summary=False)
+    status = "ok"
+    try:
+        trainer.fit(module, datamodule=data)
+    except FloatingPointError as e:
+        status = f"diverged: {e}"
     forward_only = getattr(module, "forward_only", False)
-    objective = module.objective
-    warmup = adapter.warmup_steps if isinstance(adapter, L4Q) else 0
-    curve, status, skipped, step_s = [], "ok", 0, []
-    train_s = eval_s = 0.0
-
-    def evaluate(step):
-        nonlocal eval_s
-        t = time.perf_counter()
-        curve.append([step, perplexity(model, heldout)])
-        eval_s += time.perf_counter() - t
-
-    model.train()
-    if 0 in eval_steps:
-        with (start or contextlib.nullcontext)():
-            evaluate(0)
-    for step, ids in enumerate(batches, start=1):
-        t = time.perf_counter()
-        batch = {"input_ids": ids.to(device)}
-        if warmup:
-            set_l4q_stage_(model, step - 1 >= warmup)
-        if forward_only:
-            model.eval()
-            with torch.inference_mode():
-                loss = opt.estimate(lambda: objective(model, batch, None)[0])
-            opt.step()
-            skipped = opt.skipped
-        else:
-            model.train()
-            loss, _ = objective(model, batch, None)
-            if not torch.isfinite(loss):
-                status = f"diverged: non-finite loss at step {step}"
-                break
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if sched is not None:
-            sched.step()
-        step_s.append(time.perf_counter() - t)
-        train_s += step_s[-1]
-        if step in eval_steps:
-            evaluate(step)
-    if warmup:
-        set_l4q_stage_(model, True)
-    last = curve[-1][1] if curve else float("nan")
-    return {"qat_ppl": last if status == "ok" and math.isfinite(last) else None, "curve": curve, "status": status,
-            "steps": len(batches), "train_seconds": train_s, "eval_seconds": eval_s,
-            "step_seconds": step_s, "zo_skipped": skipped if forward_only else None}
+    skipped = trainer.optimizers[0].skipped if forward_only and trainer.optimizers else None
+    last = curve.curve[-1][1] if curve.curve else float("nan")
+    return {"qat_ppl": last if status == "ok" and curve.curve and curve.curve[-1][0] == cfg.trainer.max_steps and math.isfinite(last) else None,
+            "curve": curve.curve, "status": status, "steps": trainer.global_step, "train_seconds": sum(curve.step_s),
+            "eval_seconds": curve.eval_s, "step_seconds": curve.step_s, "zo_skipped": skipped}
 
 
 def optim_summary(cfg) -> dict:
@@ -429,7 +427,8 @@ def optim_summary(cfg) -> dict:
     o = OmegaConf.to_container(cfg.optim, resolve=True)
     m = OmegaConf.to_container(cfg.module, resolve=False)
     summary = {"optimizer": o["optimizer"]["_target_"], "lr": o["optimizer"].get("lr"), "quant_lr": o.get("quant_lr"),
-               "adapter_lr": o.get("adapter_lr"), "schedule": o.get("scheduler"), "module": m["_target_"].rsplit(".", 1)[-1]}
+               "adapter_lr": o.get("adapter_lr"), "schedule": o.get("scheduler"), "module": m["_target_"].rsplit(".", 1)[-1],
+               "grad_clip": cfg.trainer.get("gradient_clip_val")}
     if "train" in m:  # forward-only: what moves, how directions are shared, SPSA's eps and seeds per step
         summary["zo"] = {"train": m["train"], "share": m["share"], "eps": o["optimizer"].get("eps"), "n": o["optimizer"].get("n")}
     return summary
@@ -445,46 +444,61 @@ def grid_name(q) -> str:
     return f"int{q.grid.bits} {'sym' if q.grid.signed else 'asym'} {where}"
 
 
-def run_ours(overrides, steps, batches, heldout, eval_steps, ptq_of, args) -> dict:
-    """One of our rows: its recipe's model, module and optimizer, trained by ``train``."""
+def check_heldout(data, heldout) -> None:
+    """Every row must be measured on the same held-out blocks (a recipe that changed the data would not be)."""
+    import torch
+
+    if not torch.equal(data.heldout_blocks(), heldout):
+        raise RuntimeError("this row's held-out blocks differ from the FP model's: its recipe changes the data settings")
+
+
+def trainable(module) -> int:
+    return sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+
+
+def run_ours(overrides, steps, heldout, eval_steps, ptq_of, args) -> dict:
+    """One of our rows: its recipe's model, adapter and module as ``qat-train`` builds them, trained by ``fit``."""
     from omegaconf import OmegaConf
 
-    cfg = compose(overrides, steps)
-    model, module, adapter, factory = build_ours(cfg, args)
-    ptq_grid, ptq = ptq_of(factory)
-    out = train(model, module, adapter, batches, heldout, eval_steps, args.device)
-    return {"overrides": overrides, "grid": grid_name(factory()), "ptq_grid": ptq_grid, "ptq_ppl": ptq,
+    cfg = compose(overrides, steps, args)
+    module, adapter, factories, data = build_ours(cfg)
+    check_heldout(data, heldout)
+    ptq_grid, ptq = ptq_of(factories["weight"])
+    out = fit(cfg, module, data, heldout, eval_steps, callbacks=adapter.callbacks() if adapter is not None else [])
+    return {"overrides": overrides, "grid": grid_name(factories["weight"]()), "ptq_grid": ptq_grid, "ptq_ppl": ptq,
             "quant": OmegaConf.to_container(cfg.quant, resolve=True),
             "adapter": OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.get("adapter") else None,
-            "optim": optim_summary(cfg), "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), **out}
+            "optim": optim_summary(cfg), "trainable_params": trainable(module), **out}
 
 
-def run_torchao(ref_cfg, ref_recipe, range_learning, batches, heldout, eval_steps, args, missing) -> dict:
-    """A torchao row: its fake quantizers on our reference recipe's optimizer, trained by ``train``."""
+def run_torchao(ref_cfg, ref_recipe, range_learning, heldout, eval_steps, missing) -> dict:
+    """A torchao row: its fake quantizers in our reference recipe's model and module, trained by ``fit``."""
     if missing:
         return {"grid": "-", "status": "skipped: " + missing, "curve": []}
-    model, module, info = build_torchao(ref_cfg, range_learning, batches[0], args)
-    out = train(model, module, None, batches, heldout, eval_steps, args.device)
+    module, info, data = build_torchao(ref_cfg, range_learning)
+    check_heldout(data, heldout)
+    out = fit(ref_cfg, module, data, heldout, eval_steps)
     start = out["curve"][0][1] if out["curve"] and out["curve"][0][0] == 0 else None
     return {"overrides": [f"recipe={ref_recipe}"], "grid": info["grid"], "ptq_grid": info["grid"] + " (torchao's rounding, step 0)",
             "ptq_ppl": start, "torchao": info, "same_grid": not info["nearest_grid"], "optim": optim_summary(ref_cfg),
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), **out}
+            "trainable_params": trainable(module), **out}
 
 
-def run_torchao_ternary(ref_cfg, ref_recipe, kind, steps, batches, heldout, eval_steps, args, missing) -> dict:
-    """A torchao ternary prototype row (PARQ or ParetoQ) on our reference recipe's optimizer, trained by ``train``."""
+def run_torchao_ternary(ref_cfg, ref_recipe, kind, steps, heldout, eval_steps, missing) -> dict:
+    """A torchao ternary prototype row (PARQ or ParetoQ) in our reference recipe's module, trained by ``fit``."""
     if missing:
         return {"grid": "-", "status": "skipped: " + missing, "curve": []}
-    model, module, info, start = build_torchao_ternary(ref_cfg, kind, steps, args)
-    out = train(model, module, None, batches, heldout, eval_steps, args.device, start=start)
+    module, info, data, start = build_torchao_ternary(ref_cfg, kind, steps)
+    check_heldout(data, heldout)
+    out = fit(ref_cfg, module, data, heldout, eval_steps, start=start)
     # ParetoQ quantizes in its forward (latent weights stay float); PARQ writes the grid into the weights
-    info["final_weights_on_grid"] = True if kind == "paretoq" else on_grid(model)
+    info["final_weights_on_grid"] = True if kind == "paretoq" else on_grid(module.model)
     if not info["final_weights_on_grid"]:
         out["status"], out["qat_ppl"] = "not quantized at the end", None
     start_ppl = out["curve"][0][1] if out["curve"] and out["curve"][0][0] == 0 else None
     return {"overrides": [f"recipe={ref_recipe}"], "grid": info["grid"], "ptq_grid": info["grid"] + " (torchao's rounding, step 0)",
             "ptq_ppl": start_ppl, "torchao": info, "same_grid": True, "optim": optim_summary(ref_cfg),
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), **out}
+            "trainable_params": trainable(module), **out}
 
 
 # ---------------------------------------------------------------- summary
@@ -632,10 +646,7 @@ def main() -> None:
     from hydra.utils import instantiate
 
     import qat
-    from qat.corpus import shipped_text, token_blocks
-    from qat.eval import perplexity
-    from qat.lit.data import stream_batch_indices
-    from qat.models import load_model
+    from qat.metrics import perplexity
     from qat.runtime import tune_malloc
     from qat.train import ptq_factory
 
@@ -652,9 +663,11 @@ def main() -> None:
         ao_version, ao_missing = None, f"torchao not installed ({e}); pip install -e '.[bench]'"
 
     t_start = time.perf_counter()
-    fp_model, tokenizer = load_model(args.model)
-    blocks = token_blocks(tokenizer, shipped_text(), args.seq_len)
-    heldout, train_blocks = blocks[: args.heldout_blocks], blocks[args.heldout_blocks:]
+    args.run_root = tempfile.mkdtemp(prefix="peers_accuracy-")  # the trainers' default_root_dir (they write nothing: no logger, no checkpoint)
+    first = WIDTHS[widths[0]][0]
+    fp_model, data = load_run(compose([f"recipe={first}"], args.steps or 1, args))  # the data every row trains and is measured on
+    heldout, n_train = data.heldout_blocks(), len(data.train_blocks())
+    del data
     fp_model.to(args.device)
     fp_ppl = perplexity(fp_model, heldout)
     print(f"FP: {fp_ppl:.4g} ({heldout.numel()} held-out tokens)", flush=True)
@@ -686,22 +699,20 @@ def main() -> None:
         steps_used[wk] = steps
         eval_every = args.eval_every or max(1, steps // 4)
         eval_steps = set(range(0, steps + 1, eval_every)) | {0, steps}
-        order = stream_batch_indices(len(train_blocks), args.batch, seed=args.seed)
-        batches = [train_blocks[next(order)] for _ in range(steps)]
-        ref_cfg = compose([f"recipe={ref_recipe}"], steps)
+        ref_cfg = compose([f"recipe={ref_recipe}"], steps, args)
         ref_factory = instantiate(ref_cfg.quant.weight)
         ref_grid, ref_ptq = ptq_of(ref_factory)
         width = {"reference_recipe": ref_recipe, "reference_grid": ref_grid, "reference_ptq_ppl": ref_ptq,
                  "steps": steps, "tokens": steps * args.batch * args.seq_len, "rows": {}, "torchao_rows_ran": False}
         result["widths"][wk] = width
-        rows = [(key, label, lambda o=overrides: run_ours(o, steps, batches, heldout, eval_steps, ptq_of, args))
+        rows = [(key, label, lambda o=overrides: run_ours(o, steps, heldout, eval_steps, ptq_of, args))
                 for key, label, overrides in ours]
         other = " (int2, not the same grid)" if wk == "ternary" else ""
         rows += [(key, "torchao " + ("range learning" if rl else "dynamic (STE)") + other,
-                  lambda rl=rl: run_torchao(ref_cfg, ref_recipe, rl, batches, heldout, eval_steps, args, ao_missing))
+                  lambda rl=rl: run_torchao(ref_cfg, ref_recipe, rl, heldout, eval_steps, ao_missing))
                  for key, rl in TORCHAO]
         if wk == "ternary":
-            rows += [(key, label, lambda k=kind: run_torchao_ternary(ref_cfg, ref_recipe, k, steps, batches, heldout, eval_steps, args, ao_missing))
+            rows += [(key, label, lambda k=kind: run_torchao_ternary(ref_cfg, ref_recipe, k, steps, heldout, eval_steps, ao_missing))
                      for key, label, kind in TORCHAO_TERNARY]
         for key, label, run in rows:
             if methods and key not in methods:
@@ -715,6 +726,7 @@ def main() -> None:
                 traceback.print_exc()
                 row = {"grid": "-", "status": f"error: {type(e).__name__}: {e}", "curve": []}
                 failed.append(f"{wk}/{key}")
+            gc.collect()  # the row's model, module and trainer: the next row's memory
             family = "torchao" if key.startswith("torchao") else "ours"
             width["rows"][key] = {"family": family, "label": label, **row, "seconds": time.perf_counter() - t0}
             width["torchao_rows_ran"] |= family == "torchao" and row["status"] == "ok" and row.get("same_grid", True)
@@ -723,9 +735,9 @@ def main() -> None:
         result["targets"][wk] = target(wk, width)
 
     result["settings"] = {"steps": steps_used, "batch": args.batch, "seq_len": args.seq_len, "heldout_blocks": args.heldout_blocks,
-                          "heldout_tokens": int(heldout.numel()), "train_blocks": int(train_blocks.shape[0]),
+                          "heldout_tokens": int(heldout.numel()), "train_blocks": n_train,
                           "eval_every": args.eval_every, "seed": args.seed, "threads": args.threads,
-                          "grad_clip": 1.0, "ptq": ptq_cache}
+                          "grad_clip": ref_cfg.trainer.get("gradient_clip_val"), "ptq": ptq_cache}
     measured = [t["met"] for t in result["targets"].values() if t is not None and t["met"] is not None]
     result["all_targets_met"] = all(measured) if measured else None
     result["seconds"] = time.perf_counter() - t_start
@@ -734,8 +746,12 @@ def main() -> None:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str))
     os.replace(tmp, out)
+    shutil.rmtree(args.run_root, ignore_errors=True)
     png = out.with_suffix(".png")
-    plot(result, png)
+    try:
+        plot(result, png)
+    except ImportError as e:  # matplotlib: the bench extra
+        png = f"no plot ({e}; pip install -e '.[bench]')"
     print("\n" + table(result))
     print(f"\n{result['seconds']:.0f} s -> {out}, {png}")
     if failed:

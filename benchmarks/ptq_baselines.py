@@ -51,7 +51,7 @@ def main() -> None:
 
     import qat
     from qat.corpus import shipped_text, token_blocks
-    from qat.eval import perplexity
+    from qat.metrics import perplexity
     from qat.models import load_model
 
     torch.set_num_threads(args.threads)

@@ -30,7 +30,7 @@ def ptq_baselines(r: dict) -> str:
 def overhead(r: dict) -> str:
     s = r["summary"]
     rows = ["| step | time (s) | step peak memory increase (MB) | process peak RSS (MB) |", "|---|---|---|---|"]
-    for name, label in (("fp", "quantizers off"), ("lsq_w4g32", "LSQ w4 g32")):
+    for name, label in (("fp", "none (plain nn.Linear)"), ("lsq_w4g32", "LSQ w4 g32")):
         v = s[name]
         rows.append(f"| {label} | {v['step_s']:.2f} | {v['step_peak_increase_mb']:.0f} | {v['process_peak_rss_mb']:.0f} |")
     rows.append(
@@ -95,20 +95,26 @@ def _recipes_by_quant() -> dict[str, list[str]]:
 
 def export_size(r: dict) -> str:
     recipes = _recipes_by_quant()
-    rows = ["| quant config | recipes | bits per weight | packed file (MB) | file / theoretical | max abs logit diff, loaded vs exported |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| quant config | recipes | bits per quantized weight | packed file (MB) | / float16 model | file / theoretical | "
+            "quantized tensors bitwise | max abs logit diff: loaded vs exported (vs float32) |", "|---|---|---|---|---|---|---|---|"]
     for name, v in r["results"].items():
-        used = ", ".join(f"`{x}`" for x in recipes.get(name, [])) or "-"
+        base, _, variant = name.partition("+")
+        used = ", ".join(f"`{x}`" for x in recipes.get(base, [])) or "-"
+        label = f"`{base}`" + (" + 8-bit embedding" if variant == "emb8" else f" + {variant}" if variant else "")
         exact = f"{v['exactness']:.3g}" if "exactness" in v else "-"
-        if "exactness_weights_only" in v:
-            exact += f" ({v['exactness_weights_only']:.3g} without activation quantization)"
-        rows.append(f"| `{name}` | {used} | {v['bits_per_weight']:.3f} | {v['file_bytes'] / 1e6:.1f} | {v['ratio']:.4f} | {exact} |")
-    tokens = sorted({v["exactness_tokens"] for v in r["results"].values() if "exactness_tokens" in v})
-    rows.append(f"\nBits per weight: codes, scales, zero points, offsets and the Tequila bias over the quantized weights; "
-                f"the file also holds the float32 embedding table ({r['results'][next(iter(r['results']))]['unquantized_bytes'] / 1e6:.0f} MB)."
-                + (f" Logit difference: `qat.load_packed` of the export against the fake-quantized model exported (eval mode), "
-                   f"float32 CPU, {'/'.join(map(str, tokens))} held-out tokens; 0 is bitwise equal. The packed format holds weights only: "
-                   f"activation quantization is not part of it." if tokens else ""))
+        if "logit_diff_fp32" in v:
+            exact += f" ({v['logit_diff_fp32']:.2g})"
+        tensors = f"{v['quantized_exact']}/{v['quantized_tensors']}" if "quantized_tensors" in v else "-"
+        fp16 = f"**{v['ratio_to_fp16']:.3f}x**" if "ratio_to_fp16" in v else "-"
+        rows.append(f"| {label} | {used if not variant else '-'} | {v['bits_per_weight']:.3f} | {v['file_bytes'] / 1e6:.1f} | {fp16} | "
+                    f"{v['ratio']:.4f} | {tensors} | {exact} |")
+    dtypes = sorted({v.get("unquantized_dtype", "float32") for v in r["results"].values()})
+    rows.append(f"\nThe float16 model (safetensors, same script): {r['fp16_file_bytes'] / 1e6:.1f} MB. Bits per quantized weight: codes, "
+                f"scales, zero points, offsets and the Tequila bias. Unquantized tensors (the tied embedding table unless quantized) "
+                f"stored in {', '.join(dtypes)}. Logit difference: `qat.load_packed` of the export against the fake-quantized model "
+                "with its plain tensors rounded as stored (0: bitwise), in brackets against the float32 model; float32 CPU, "
+                f"{'/'.join(map(str, sorted({v['exactness_tokens'] for v in r['results'].values() if 'exactness_tokens' in v})))} "
+                "held-out tokens. `.venv/bin/python benchmarks/export_size.py --embedding-bits 8`.")
     return "\n".join(rows)
 
 
@@ -273,13 +279,27 @@ def recipes(r: dict) -> str:
     return "\n".join(rows)
 
 
+def _backprop(recipe: str) -> bool:
+    """Whether the recipe trains with backprop (the FP fine-tune reference exists only for those)."""
+    from hydra.utils import get_class
+
+    from qat.config import compose
+
+    return not getattr(get_class(compose([f"recipe={recipe}"]).module._target_), "forward_only", False)
+
+
 def headline(r: dict) -> str:
-    """The README's short table: each recipe's default run, out of domain first (the full table is in docs/RESULTS.md)."""
+    """The README's short table: each recipe's default run measured on both texts with the FP fine-tuned reference, out of
+    domain first; the other runs (older, in-domain only) are in docs/RESULTS.md's full table."""
     rows = ["| recipe | weights | steps | out of domain: QAT (x FP) | gap recovered | held out: QAT (x FP) | FP fine-tuned: held out / OOD "
             "| target | met |", "|---|---|---|---|---|---|---|---|---|"]
+    older = []
     for key, e in sorted(r.items(), key=_order):
         m = e.get("metrics")
         if " " in key or not m or "ppl_qat" not in m:
+            continue
+        if m.get("ppl_qat_ood") is None or (m.get("ppl_fp_ft") is None and _backprop(key)):
+            older.append(f"`{key}`")
             continue
         cells = []
         for t in ("_ood", ""):
@@ -293,8 +313,9 @@ def headline(r: dict) -> str:
                     f"{cells[1]} | {_num(m.get('ppl_fp_ft'))} / {_num(m.get('ppl_fp_ft_ood'))} | {goal['what'] if goal else ''} | {met} |")
     rows.append("\nPerplexity, SmolLM2-135M on 2 CPU cores; out of domain: Debian's licences, never trained on; gap recovered: "
                 "`(log PTQ - log QAT) / (log PTQ - log FP)` out of domain; FP fine-tuned: the FP model trained with the same data, steps "
-                "and schedule, the fair reference for a QAT result below FP. A dash: not measured in that run (older runs predate the "
-                "out-of-domain text and the FP fine-tune). Every run, its FP fine-tuned reference and the variants: [docs/RESULTS.md](docs/RESULTS.md).")
+                "and schedule, the fair reference for a QAT result below FP. Measured before the out-of-domain text and the FP "
+                f"fine-tune existed, in-domain only, being re-measured: {', '.join(older)}. Every run, its FP fine-tuned reference "
+                "and the variants (what was tried where a target is missed): [docs/RESULTS.md](docs/RESULTS.md).")
     return "\n".join(rows)
 
 
@@ -305,12 +326,63 @@ def run_summary(r: dict) -> str:
     return "```\n" + summary(r["smollm2_w4_lsq"]["metrics"], "ppl").rstrip() + "\n```"
 
 
+def uniform_bits(quant: dict) -> float | None:
+    """Storage bits per weight of a uniform weight grid (``metrics.json``'s ``quant``), as ``qat.allocation`` counts them:
+    code bits (ternary 1.6) + 16 per scale and per zero point or offset, over the group."""
+    w = quant.get("weight") or {}
+    if quant.get("rules") or w.get("granularity") != "group":
+        return None
+    ternary = w.get("_target_", "").endswith("Ternary")
+    params = 1 if ternary or (w.get("symmetric", True) and not w.get("offset")) else 2
+    return (1.6 if ternary else w["bits"]) + 16 * params / w["group_size"]
+
+
+MIXED_RECIPE = "smollm2_w2_lsq"
+
+
+def mixed(r: dict) -> str:
+    """Planned mixed precision (``quant.plan.bits``) against uniform grids, same recipe and budget, from ``recipes.json``."""
+    runs = []
+    for key, e in r.items():
+        m = e.get("metrics")
+        if key.split(" ", 1)[0] != MIXED_RECIPE or not m or not m.get("ppl_qat_ood"):
+            continue
+        plan = m.get("plan")
+        bits = plan["average_bits"] if plan else uniform_bits(m.get("quant", {}))
+        if bits is not None:
+            runs.append((bits, plan, _distilled(e), m))
+    rows = ["| weights | bits per weight | objective | steps | PTQ held out | PTQ out of domain | QAT held out | QAT out of domain | "
+            "beats every uniform grid of as many or more bits (PTQ / QAT, both texts) |", "|---|---|---|---|---|---|---|---|---|"]
+    for bits, plan, kd, m in sorted(runs, key=lambda x: (x[0], x[2], x[3]["steps"])):
+        label = f"plan at {plan['bits']} ({plan['method']})" if plan else _weights(m.get("quant", {}))
+        verdict = ""
+        if plan:
+            wider = [x[3] for x in runs if not x[1] and x[0] >= bits and x[2] == kd and x[3]["steps"] == m["steps"]]
+            if wider:
+                ok = [all(m[f"ppl_{s}{t}"] < u[f"ppl_{s}{t}"] for u in wider for t in ("", "_ood")) for s in ("ptq", "qat")]
+                verdict = " / ".join("yes" if x else "**no**" for x in ok)
+            else:
+                verdict = "no uniform run to compare"
+        rows.append(f"| {label} | {bits:.3f} | {'distillation' if kd else 'labels'} | {m['steps']} | {_num(m.get('ppl_ptq'))} | {_num(m.get('ppl_ptq_ood'))} | "
+                    f"**{_num(m.get('ppl_qat'))}** | **{_num(m.get('ppl_qat_ood'))}** | {verdict} |")
+    rows.append(f"\nEvery row one `qat-train recipe={MIXED_RECIPE}` run with the recipe's steps, schedule and objective "
+                "(`benchmarks/recipes.py " + MIXED_RECIPE + " -- quant.plan.bits=B` for a plan, `-- quant=NAME` for a uniform grid); "
+                "bits per weight count codes, scales, zero points and offsets (`qat.allocation`). The plan chooses per layer among "
+                "ternary, 2, 3, 4 and 8 bits (`configs/plan/default.yaml`) by the KL of that layer alone quantized, on 2 calibration blocks "
+                "of the training split.")
+    return "\n".join(rows)
+
+
 DISTILL = ("smollm2_w4_lsq", "smollm2_w2_lsq", "smollm2_ternary_seq")
 KD = "module.objective.kd_weight=1"
 
 
 def _distilled(entry: dict) -> bool:
-    """Whether the run distilled: the overrides it ran with (``overrides_at_run`` where the recipe's default changed since)."""
+    """Whether the run distilled: its recorded objective; else the overrides it ran with against the recipe's default
+    of that time (``overrides_at_run`` for runs made before the default changed, against labels)."""
+    objective = (entry.get("metrics") or {}).get("objective")
+    if objective is not None:
+        return float(objective.get("kd_weight") or 0) > 0
     ran = entry.get("overrides_at_run") or entry.get("overrides") or []
     return any(o.replace(" ", "") in (KD, "module.objective.kd_weight=1.0") for o in ran)
 
@@ -338,12 +410,13 @@ def distill(r: dict) -> str:
     return "\n".join(rows)
 
 
-SOURCES = {"distill": "recipes", "headline": "recipes", "run_summary": "recipes"}  # tables rendered from another table's results file
+SOURCES = {"distill": "recipes", "headline": "recipes", "run_summary": "recipes", "mixed": "recipes"}  # tables rendered from another table's results file
 
 TABLES = {
     "recipes": recipes,
     "distill": distill,
     "headline": headline,
+    "mixed": mixed,
     "run_summary": run_summary,
     "deadzone": deadzone,
     "deadzone_lam": deadzone_lam,

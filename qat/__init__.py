@@ -5,10 +5,10 @@
 >>> qat.quantize_(model, weight=functools.partial(LSQ, bits=4, granularity="group", group_size=32))  # doctest: +SKIP
 """
 
-from qat.convert import calibrate_, dequantize_, quantize_, quantized_layers
+from qat.convert import calibrate_, dequantize_, iter_codes, quantize_, quantized_layers
 from qat.nn import QuantEmbedding, QuantLinear
 
-__all__ = ["quantize_", "dequantize_", "calibrate_", "quantized_layers", "QuantLinear", "QuantEmbedding"]
+__all__ = ["quantize_", "dequantize_", "calibrate_", "quantized_layers", "iter_codes", "QuantLinear", "QuantEmbedding"]
 __all__ += ["export_", "load_packed"]
 
 

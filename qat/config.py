@@ -137,8 +137,51 @@ def make(node, key: str, **kwargs):
 
 
 def quantizer_factories(cfg) -> dict:
-    """``{"weight" | "activation" | "embedding": factory}`` from ``cfg.quant`` (each factory makes one quantizer)."""
-    return {k: make(cfg.quant[k], f"quant.{k}") for k in ("weight", "activation", "embedding") if cfg.quant.get(k) is not None}
+    """``quantize_``'s keywords from ``cfg.quant``: ``weight`` / ``activation`` / ``embedding`` factories and ``rules``.
+
+    ``quant.rules`` is an ordered list of ``{pattern, weight?, activation?}``; a layer takes the first
+    rule whose glob pattern matches its name. A rule's ``weight`` (or ``activation``) is merged onto
+    ``quant.weight`` (so ``{bits: 2}`` changes the width alone), replaces it when it names its own
+    ``_target_``, and ``null`` leaves that part of the layer float; a key the rule leaves out keeps
+    the default.
+
+    Example (YAML)::
+
+        rules:
+          - {pattern: "model.layers.0.*", weight: {bits: 4}}     # the first block wider
+          - {pattern: "*.mlp.*", weight: {bits: 2}}               # every other MLP narrower
+    """
+    from omegaconf import OmegaConf
+
+    out = {k: make(cfg.quant[k], f"quant.{k}") for k in ("weight", "activation", "embedding") if cfg.quant.get(k) is not None}
+    rules = []
+    for i, rule in enumerate(cfg.quant.get("rules") or []):
+        key = f"quant.rules[{i}]"
+        extra = set(rule) - {"pattern", "weight", "activation"}
+        if not isinstance(rule.get("pattern"), str) or extra:
+            raise UserError(f"{key}: a rule is {{pattern: GLOB, weight: ..., activation: ...}}, got {OmegaConf.to_container(rule)}")
+        parts = {}
+        for part in ("weight", "activation"):
+            if part not in rule:
+                continue
+            node, base = rule[part], cfg.quant.get(part)
+            if node is not None and "_target_" not in node:
+                if base is None:
+                    raise UserError(f"{key}.{part}: quant.{part} is null, so the rule must name its own _target_")
+                node = OmegaConf.merge(base, node)
+            parts[part] = None if node is None else make(node, f"{key}.{part}")
+        rules.append((rule.pattern, parts))
+    if rules:
+        out["rules"] = rules
+    return out
+
+
+def map_factories(factories: dict, fn) -> dict:
+    """``factories`` (as ``quantizer_factories`` gives them) with ``fn`` applied to every factory, the rules' too."""
+    out = {k: fn(f) for k, f in factories.items() if k != "rules"}
+    if "rules" in factories:
+        out["rules"] = [(p, {k: None if f is None else fn(f) for k, f in parts.items()}) for p, parts in factories["rules"]]
+    return out
 
 
 def load(cfg):

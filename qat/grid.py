@@ -84,7 +84,8 @@ class Grid:
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
     @property
-    def levels(self) -> int:
+    def n_levels(self) -> int:
+        """How many codes the grid has, ``hi - lo + 1`` (3 for ternary)."""
         return self.hi - self.lo + 1
 
 

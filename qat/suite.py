@@ -12,7 +12,7 @@ with the same data and steps, QAT) is therefore measured on the same ``Suite``:
 
 Metric names follow ``{metric}_{model}[_ood]``: ``ppl_fp``, ``ppl_ptq_ood``, ``ppl_fp_ft``,
 ``ppl_qat_ood``; tasks go to ``metrics["tasks"][task][model]``. ``gaps`` adds the share of the
-quantization gap recovered (``qat.eval.gap_recovered``) per text and per task, against the FP
+quantization gap recovered (``qat.metrics.gap_recovered``) per text and per task, against the FP
 model (``gap_recovered[_ood]``) and, where it was trained, the FP fine-tune
 (``gap_recovered_fp_ft[_ood]``).
 """
@@ -23,7 +23,7 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qat.eval import gap_recovered
+from qat.metrics import gap_recovered
 
 TEXTS = ("", "ood")  # the suffixes of the texts a suite measures
 MODELS = ("fp", "fp_ft", "ptq", "qat")  # the rows of a run, in the order they are printed

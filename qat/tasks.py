@@ -14,7 +14,7 @@ your own runs from a local file: a folder holding lm-eval task YAMLs (``include_
 
 Each task is summarised by one headline metric (``acc_norm`` where the task has it, else ``acc``,
 else its first metric), whose gap recovered is linear for accuracies and on the log scale for
-perplexities (``qat.eval.gap_recovered``).
+perplexities (``qat.metrics.gap_recovered``).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from qat.config import config_dir, make, register_recipes
+from qat.config import config_dir, make, map_factories, quantizer_factories, register_recipes
 from qat.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("qat.train")
@@ -46,17 +46,20 @@ def prepare(cfg: DictConfig) -> dict:
     if launch_rank() == 0:  # the ranks of a distributed run share the run directory
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)  # what qat-eval rebuilds the model from
     check_eval(cfg)
-    quant = {}
-    for key in ("weight", "activation", "embedding"):
-        node = cfg.quant.get(key)
-        if node is not None:
-            factory = make(node, f"quant.{key}")
-            check_arguments(factory, f"quant.{key}")
-            try:
-                factory()  # dry run: bad bits or granularity fail here, before the model loads
-            except UserError as e:
-                raise UserError(f"quant.{key}: {e}") from None
-            quant[key] = factory
+    quant = quantizer_factories(cfg)
+    named = [(f"quant.{k}", f) for k, f in quant.items() if k != "rules"]
+    named += [(f"quant.rules[{i}].{k}", f) for i, (_, parts) in enumerate(quant.get("rules", [])) for k, f in parts.items() if f]
+    if cfg.quant.get("plan") and cfg.quant.plan.get("bits") is not None:  # mixed precision: each candidate, dry-run too
+        from qat.plan import candidate_nodes
+
+        named += [(f"quant.plan.candidates.{k}", make(node, f"quant.plan.candidates.{k}"))
+                  for k, node in candidate_nodes(cfg.quant.plan, cfg.quant.get("weight")).items()]
+    for key, factory in named:
+        check_arguments(factory, key)
+        try:
+            factory()  # dry run: bad bits or granularity fail here, before the model loads
+        except UserError as e:
+            raise UserError(f"{key}: {e}") from None
     if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
         os.environ["WANDB_MODE"] = "offline"
     return quant
@@ -178,7 +181,6 @@ def run(cfg: DictConfig) -> float:
     import qat
     from qat.config import load, quantize
     from qat.fp_reference import cache_dir, fp_metric
-    from qat.lit.checkpoint import AtomicCheckpointIO
     from qat.runtime import tune_malloc
     from qat.suite import add_tasks, gaps, summary
 
@@ -194,6 +196,14 @@ def run(cfg: DictConfig) -> float:
     log.info("model %s loaded (%.1f s)", cfg.model.name, time.perf_counter() - t0)
     datamodule = make(cfg.data, "data", tokenizer=tokenizer)
     datamodule.setup("fit")
+    plan = None
+    if cfg.quant.get("plan") and cfg.quant.plan.get("bits") is not None:  # mixed precision: plan, then the rules are the run's
+        from qat.plan import plan_into_run
+
+        t_plan = time.perf_counter()
+        plan = plan_into_run(cfg, model, datamodule, run_dir)
+        quant = quantizer_factories(cfg)
+        log.info("planned in %.1f s: %.3f bits per weight", time.perf_counter() - t_plan, plan.average_bits)
     objective = make(cfg.module.objective, "module.objective")
     metric = objective.metric
     suite = build_suite(cfg, tokenizer, objective, list(datamodule.val_dataloader()))
@@ -210,7 +220,7 @@ def run(cfg: DictConfig) -> float:
         metrics.update(suite.texts(fp, "fp", teacher=fp, measure=cached))
         add_tasks(metrics, "fp", suite.task_scores(fp, tokenizer))
         ptq = copy.deepcopy(fp)
-        rtn = {k: ptq_factory(f) for k, f in quant.items()}
+        rtn = map_factories(quant, ptq_factory)
         qat.quantize_(ptq, **rtn, include=list(cfg.quant.include), exclude=cfg.quant.exclude)
         metrics.update(suite.texts(ptq, "ptq", teacher=fp))
         add_tasks(metrics, "ptq", suite.task_scores(ptq, tokenizer))
@@ -228,23 +238,17 @@ def run(cfg: DictConfig) -> float:
         L.seed_everything(cfg.seed, workers=True)  # so QAT starts alike with or without them
 
     adapter = quantize(cfg, model, quant)  # qat.quantize_, then the run's adapters (L4Q / LoRA / scale-only) or None
-    if cfg.model.get("gradient_checkpointing"):  # recompute each block in the backward: activations shrink to block inputs
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise UserError(f"model.gradient_checkpointing=true: {type(model).__name__} does not support it; set it to false")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = make(cfg.module, "module", model=model, teacher=fp if objective.needs_teacher else None, objective=objective)
+    module = build_module(cfg, model, objective, teacher=fp)
     if metric == "ppl":  # the in-domain references of the perplexity curve
         module.reference_ppl = {name: metrics[f"ppl_{name}"] for name in ("fp", "fp_ft", "ptq") if f"ppl_{name}" in metrics}
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if plan is not None and (run_dir / "plan.png").exists() and hasattr(lg, "log_image"):  # wandb: the plan's plot
+            lg.log_image(key="plan", images=[str(run_dir / "plan.png")])
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
     callbacks += adapter.callbacks() if adapter is not None else []
-    # without our checkpoint callback (~callbacks.checkpoint) no checkpoint is written, rather than
-    # Lightning's default one (the full model and optimizer state, into the logger's folder)
-    checkpointing = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks)
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                          enable_checkpointing=checkpointing)
+    trainer = build_trainer(cfg, loggers, callbacks)
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_seconds = round(time.perf_counter() - t_fit, 1)
@@ -271,7 +275,10 @@ def run(cfg: DictConfig) -> float:
         model=cfg.model.name,
         quant=OmegaConf.to_container(cfg.quant, resolve=True),
         recipe=cfg.get("recipe_name"),
+        objective=OmegaConf.to_container(cfg.module.objective, resolve=True),
     )
+    if plan is not None:
+        metrics["plan"] = {k: v for k, v in plan.summary().items() if k in ("bits", "average_bits", "method")}
     for lg in loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, step=trainer.global_step)
         lg.finalize("success")
@@ -283,7 +290,7 @@ def run(cfg: DictConfig) -> float:
 
         save_adapters(module.model, run_dir / "adapter")  # peft's format (scale-only: its own file)
     if cfg.export.enabled:  # after save_adapters: export merges adapters into the model
-        exported = export_run(module.model, tokenizer, run_dir, cfg.export.format, trainer)
+        exported = export_run(module.model, tokenizer, run_dir, cfg.export.format, trainer, cfg.export.unquantized_dtype)
         if exported is not None:  # None: skipped (a sharded model; qat-export works from the checkpoint)
             metrics["export"] = str(exported)
     write_json(run_dir / "metrics.json", metrics)
@@ -291,7 +298,40 @@ def run(cfg: DictConfig) -> float:
     return metrics[f"{metric}_qat"]
 
 
-def export_run(model, tokenizer, run_dir: Path, format: str, trainer) -> Path | None:
+def build_module(cfg: DictConfig, model, objective, teacher=None):
+    """The run's LightningModule (``cfg.module``) around ``model``, already quantized and adapted.
+
+    Gradient checkpointing is switched on first when the model config asks for it; ``teacher``
+    (the FP model) is passed only when the objective distills. ``benchmarks/peers_accuracy.py``
+    builds every row's module here, ours and torchao's.
+
+    Raises:
+        UserError: gradient checkpointing on a model without it; the module's own checks.
+    """
+    if cfg.model.get("gradient_checkpointing"):  # recompute each block in the backward: activations shrink to block inputs
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UserError(f"model.gradient_checkpointing=true: {type(model).__name__} does not support it; set it to false")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return make(cfg.module, "module", model=model, teacher=teacher if objective.needs_teacher else None, objective=objective)
+
+
+def build_trainer(cfg: DictConfig, loggers: list, callbacks: list, **overrides):
+    """The run's ``lightning.Trainer`` (``cfg.trainer``) with these loggers and callbacks; ``overrides`` replace trainer keys.
+
+    Without our checkpoint callback (``~callbacks.checkpoint``) no checkpoint is written, rather
+    than Lightning's default one (the full model and optimizer state, into the logger's folder).
+    """
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from qat.lit.checkpoint import AtomicCheckpointIO
+
+    checkpointing = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks)
+    kwargs = dict(logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()], enable_checkpointing=checkpointing)
+    return instantiate(cfg.trainer, **{**kwargs, **overrides})
+
+
+def export_run(model, tokenizer, run_dir: Path, format: str, trainer, unquantized_dtype: str = "auto") -> Path | None:
     """Rank 0: the trained model in ``run_dir/export`` (packed) or ``run_dir/export-<format>``."""
     from torch.distributed.tensor import DTensor
 
@@ -302,7 +342,7 @@ def export_run(model, tokenizer, run_dir: Path, format: str, trainer) -> Path | 
         return None
     out = run_dir / ("export" if format == "packed" else f"export-{format}")
     try:
-        return export_(model, out, format=format, tokenizer=tokenizer, overwrite=True)
+        return export_(model, out, format=format, tokenizer=tokenizer, overwrite=True, unquantized_dtype=unquantized_dtype)
     except UserError as e:
         raise UserError(f"export: {e} (set export.enabled=false to skip the export)") from None
 

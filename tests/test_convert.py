@@ -69,6 +69,54 @@ def test_explicit_empty_exclude_quantizes_the_head_and_embedding_factory():
     assert m(torch.randint(0, 50, (1, 4))).shape == (1, 4, 50)
 
 
+class ToyLM(Toy):
+    def get_input_embeddings(self):
+        return self.embed
+
+
+def test_embedding_factory_quantizes_the_input_embedding_and_the_head_tied_to_it():
+    m = ToyLM()
+    qat.quantize_(m, weight=LSQ4, include="block.*", embedding=functools.partial(MinMax, bits=8, granularity="channel"))
+    assert isinstance(m.embed, QuantEmbedding)  # the input embedding, though include names the block only
+    assert isinstance(m.lm_head, QuantLinear) and m.lm_head.weight is m.embed.weight
+    assert m.lm_head.weight_quantizer is m.embed.weight_quantizer  # one quantized table for lookup and head
+    ids = torch.randint(0, 50, (1, 4))
+    w_hat = m.embed.weight_quantizer(m.embed.weight)
+    assert torch.equal(m.lm_head.quantized_weight()[0], w_hat)
+    plain = qat.dequantize_(m)
+    assert plain.lm_head.weight is plain.embed.weight and torch.equal(plain.embed.weight, w_hat)  # still tied
+    assert plain(ids).shape == (1, 4, 50)
+
+
+def test_a_head_named_in_exclude_stays_float_beside_a_quantized_embedding():
+    m = ToyLM()
+    qat.quantize_(m, weight=LSQ4, include="block.*", exclude=["lm_head"], embedding=functools.partial(MinMax, bits=8, granularity="channel"))
+    assert isinstance(m.embed, QuantEmbedding) and type(m.lm_head) is nn.Linear and m.lm_head.weight is m.embed.weight
+
+
+def test_quant_embedding_in_the_config_is_applied():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qat.config import compose, quantize
+
+    def model():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+
+    cfg = compose(["quant=ternary_seq_g64"])
+    assert cfg.quant.embedding is None  # the main recipe's config: the table stays float
+    plain = model()
+    quantize(cfg, plain)
+    assert type(plain.model.embed_tokens) is nn.Embedding and type(plain.lm_head) is nn.Linear
+    cfg = compose(["quant=ternary_seq_g64", "quant.embedding={_target_:qat.quantizers.MinMax,_partial_:true,bits:8,granularity:channel}"])
+    quantized = model()
+    quantize(cfg, quantized)
+    emb = quantized.model.embed_tokens
+    assert isinstance(emb, QuantEmbedding) and emb.weight_quantizer.bits == 8 and emb.weight_quantizer.granularity == "channel"
+    assert quantized.lm_head.weight_quantizer is emb.weight_quantizer
+
+
 @pytest.mark.parametrize(
     "kwargs, error, words",
     [
@@ -149,3 +197,48 @@ def test_minilm_and_gpt2_from_config_run_after_quantize():
     out = gpt2(torch.randint(0, 128, (2, 9)), labels=torch.randint(0, 128, (2, 9)))
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+# ---------------------------------------------------------------- per-layer rules (mixed precision)
+
+
+def _three_blocks():
+    torch.manual_seed(0)
+    return nn.ModuleDict({f"b{i}": nn.ModuleDict({"attn": nn.Linear(64, 64), "mlp": nn.Linear(64, 64)}) for i in range(3)})
+
+
+def test_rules_first_match_wins_and_missing_keys_keep_the_default():
+    m = _three_blocks()
+    w4 = functools.partial(LSQ, bits=4, granularity="group", group_size=32)
+    rules = [("b0.*", {"weight": functools.partial(MinMax, bits=8, granularity="channel")}),  # first: b0.mlp takes 8 bits, not 2
+             ("*.mlp", {"weight": functools.partial(MinMax, bits=2, granularity="group", group_size=32, symmetric=False)}),
+             ("b2.attn", {"weight": None}),                                          # left float
+             ("b1.attn", {"activation": functools.partial(MinMax, bits=8, granularity="token")})]  # weight key left out: w4
+    qat.quantize_(m, weight=w4, rules=rules)
+    bits = {f"{b}.{k}": (m[b][k].weight_quantizer.grid.bits if isinstance(m[b][k], QuantLinear) else None)
+            for b in m for k in m[b]}
+    assert bits == {"b0.attn": 8, "b0.mlp": 8, "b1.attn": 4, "b1.mlp": 2, "b2.attn": None, "b2.mlp": 2}
+    assert type(m["b2"]["attn"]) is nn.Linear
+    assert m["b1"]["attn"].act_quantizer is not None and m["b0"]["attn"].act_quantizer is None
+
+
+def test_rules_that_match_nothing_or_have_other_keys_are_refused_before_any_change():
+    m = _three_blocks()
+    w4 = functools.partial(LSQ, bits=4, granularity="group", group_size=32)
+    with pytest.raises(UserError, match="rule pattern 'b9.*' matches no layer"):
+        qat.quantize_(m, weight=w4, rules=[("b0.*", {"weight": w4}), ("b9.*", {"weight": w4})])
+    with pytest.raises(UserError, match="a rule is"):
+        qat.quantize_(m, weight=w4, rules=[("b0.*", {"bits": 4})])
+    assert not any(isinstance(x, QuantLinear) for x in m.modules())
+
+
+def test_iter_codes_yields_every_quantized_weight_in_module_order():
+    m = Toy()
+    qat.quantize_(m, weight=LSQ4, include=["block.*"])
+    m.embed = QuantEmbedding.from_float(m.embed, MinMax(bits=4, granularity="channel"))
+    m.lm_head = QuantLinear.from_float(m.lm_head, None, PACT(bits=8))
+    got = list(qat.iter_codes(m))
+    assert [n for n, _, _ in got] == ["embed", "block.q_proj", "block.up_proj", "block.down_proj"]  # lm_head: activations only
+    for name, layer, codes in got:
+        assert layer is m.get_submodule(name)
+        assert torch.equal(codes.dequantize(), layer.weight_quantizer(layer.latent_weight()).detach())

@@ -34,13 +34,13 @@ def test_ranges(bits):
     full, narrow, unsigned = TABLE[bits]
     g = Grid(bits)
     assert (g.lo, g.hi) == full
-    assert g.levels == 2**bits
+    assert g.n_levels == 2**bits
     g = Grid(bits, signed=True, narrow=True)
     assert (g.lo, g.hi) == narrow
-    assert g.levels == 2**bits - 1
+    assert g.n_levels == 2**bits - 1
     g = Grid(bits, signed=False)
     assert (g.lo, g.hi) == unsigned
-    assert g.levels == 2**bits
+    assert g.n_levels == 2**bits
 
 
 def test_ranges_are_python_ints():
@@ -50,7 +50,7 @@ def test_ranges_are_python_ints():
 
 def test_ternary():
     t = Grid.ternary()
-    assert (t.lo, t.hi, t.levels) == (-1, 1, 3)
+    assert (t.lo, t.hi, t.n_levels) == (-1, 1, 3)
     assert t == Grid(2, narrow=True)
     assert t.bits == 2 and t.signed and t.narrow
 

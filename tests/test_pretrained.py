@@ -9,7 +9,7 @@ import torch
 import qat
 from qat.corpus import shipped_text, token_blocks
 from qat.errors import UserError
-from qat.eval import perplexity
+from qat.metrics import perplexity
 from qat.quantizers import LSQ, MinMax, Ternary
 
 DECODER = "model.layers.*"

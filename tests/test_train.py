@@ -68,7 +68,7 @@ def _group_options():
 
 @pytest.mark.parametrize("group,option", list(_group_options()))
 def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
-    overrides = [f"{group}={option}"]
+    overrides = [f"plan@quant.plan={option}" if group == "plan" else f"{group}={option}"]  # plan is mounted at quant.plan
     if group == "data" and option == "sentences":
         overrides.append("model=minilm")
     if group == "module" and option == "zo":  # forward-only: its optimizer, and the toy model's weights move
@@ -76,7 +76,7 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
     if group == "module" and option == "embedding_kd":  # the default recipe distills a causal LM (objective.kd_weight)
         overrides.append("recipe=minilm_w4_kd")
     cfg = cfg_for(overrides, tmp_path)
-    node = cfg[group] if group != "debug" else cfg.trainer
+    node = {"debug": cfg.trainer, "plan": cfg.quant.plan}.get(group) or cfg[group]
     container = OmegaConf.to_container(node, resolve=True)
     if group == "module":
         module = instantiate(node, model=torch.nn.Linear(4, 4), teacher=torch.nn.Linear(4, 4))
@@ -90,6 +90,9 @@ def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
         for key in ("weight", "activation"):
             if node.get(key) is not None:
                 assert instantiate(node[key])() is not None
+    elif group == "plan":
+        for candidate in node.candidates.values():
+            assert instantiate(candidate)() is not None
     elif group == "adapter":
         adapter = instantiate(node)
         assert callable(adapter.apply_) and isinstance(adapter.callbacks(), list)
@@ -219,9 +222,12 @@ def test_main_turns_a_user_error_into_one_line_and_lets_any_other_error_through(
 
 
 def test_a_run_exports_a_packed_model_that_reproduces_it(tmp_path):
-    cfg = cfg_for(["recipe=smollm2_w4_lsq", "debug=fast", "logger=csv", "eval.before=false", "export.enabled=true", *LM_SMALL], tmp_path)
+    # float32 plain tensors (the default stores them in float16): the logits bitwise
+    cfg = cfg_for(["recipe=smollm2_w4_lsq", "debug=fast", "logger=csv", "eval.before=false", "export.enabled=true",
+                   "export.unquantized_dtype=float32", *LM_SMALL], tmp_path)
     train.run(cfg)
     assert json.loads((tmp_path / "metrics.json").read_text())["export"] == str(tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "quant_config.json").read_text())["unquantized_dtype"] == "float32"
     import qat
     from qat.config import build_model, load_run_config
 
@@ -260,8 +266,8 @@ def test_memory_switches_train_to_the_same_loss(tmp_path):
 def test_a_run_reports_both_texts_the_fp_fine_tune_and_tasks_and_qat_eval_repeats_them(tmp_path, local_task, monkeypatch):
     """eval.ood, eval.fp_finetune and eval.tasks in one run: every model on every text and task, the gaps by
     their formula, the FP fine-tune read back from the cache by an identical run, qat-eval on the run and its export."""
-    from qat.eval import gap_recovered
     from qat.evaluate import evaluate
+    from qat.metrics import gap_recovered
     from tests.test_tasks import hand_accuracy
 
     monkeypatch.setenv("QAT_CACHE", str(tmp_path / "cache"))

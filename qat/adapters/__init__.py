@@ -11,9 +11,9 @@ from qat.adapters.l4q import L4Q, L4QLinear, L4QWarmup, l4q_linear
 from qat.adapters.loftq import loftq, loftq_init_
 from qat.adapters.lora import LoRA
 from qat.adapters.merge import merge_adapters_
-from qat.adapters.scale_only import FrozenCodes, ScaleOnly, ScaleOnlyLinear
+from qat.adapters.scale_only import ScaleOnly, ScaleOnlyLinear
 
 __all__ = [
-    "L4Q", "L4QLinear", "L4QWarmup", "l4q_linear", "LoRA", "ScaleOnly", "ScaleOnlyLinear", "FrozenCodes",
+    "L4Q", "L4QLinear", "L4QWarmup", "l4q_linear", "LoRA", "ScaleOnly", "ScaleOnlyLinear",
     "loftq", "loftq_init_", "merge_adapters_", "save_adapters", "load_adapters",
 ]

@@ -8,7 +8,7 @@ After the merge the model holds ``QuantLinear`` layers only, so export, ``dequan
 * plain LoRA beside a quantized base: the same fold, so ``W0 + c B A`` is re-quantized by the base
   quantizer: the merged model differs from the trained one by that rounding (QLoRA's gap).
 * scale-only: each ``ScaleOnlyLinear`` becomes a ``QuantLinear`` whose frozen latent weight is the
-  dequantized codes and whose quantizer is the ``FrozenCodes`` (``codes()`` returns them unchanged).
+  dequantized codes and whose quantizer is the ``qat.quantizers.Frozen`` (``codes()`` returns them unchanged).
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ arXiv 2407.11062; OpenGVLab/EfficientQAT ``quantize/int_linear_real.py``)::
     dL/dz_g    = -s_g * sum_{i in g} G_i                 (only with train_zero; z becomes fractional)
     dL/dbeta_g = sum_{i in g} G_i                        (LSQ+ codes' offset, only with train_zero)
 
-The codes come from any quantizer's ``codes(W)``: round-to-nearest at ``quantize_`` time
+The codes are held by ``qat.quantizers.Frozen`` with ``train_scale=True`` (the one class that
+holds fixed codes in qat); this module owns the layer and its fused backward. They come from any
+quantizer's ``codes(W)``: round-to-nearest at ``quantize_`` time
 (``LSQ(init="minmax")`` or ``MinMax``), or a finished QAT run's trained quantizers when a checkpoint
 is given. Every ``Codes`` field is kept (zero point, LSQ+ offset), so the forward is
 ``Codes.dequantize()``, the export's expression, bitwise.
@@ -37,124 +39,8 @@ from qat.convert import _set_module
 from qat.errors import UserError
 from qat.grid import group_view
 from qat.nn.linear import QuantLinear
-from qat.quantizers.base import Codes, Quantizer, int_dtype
 from qat.quantizers.fake_quant import reduce_to, to_export_precision
-from qat.quantizers.minmax import MinMax
-
-
-class FrozenCodes(Quantizer):
-    """A quantizer whose integer codes are fixed: ``forward`` returns ``(q - z) * s + beta`` whatever it is given.
-
-    ``init_(w)`` freezes the round-to-nearest codes of ``w`` on this grid; ``set_codes_(codes)``
-    freezes given ones (from another quantizer's ``codes(w)``). Only ``scale`` (and with
-    ``train_zero`` the zero point or offset) is a Parameter.
-
-    Args:
-        bits, granularity, group_size, symmetric, narrow: the grid, as for ``Quantizer``.
-        train_zero: train the zero point / offset too (it becomes a float).
-
-    Raises:
-        UserError: codes with a per-row bias term (Tequila), or grouped unlike this quantizer.
-        ValueError: a tensor of another shape than the codes.
-
-    Example:
-        >>> q = FrozenCodes(bits=4, granularity="group", group_size=32).init_(torch.randn(8, 64))
-        >>> q.scale.requires_grad, q.q.dtype
-        (True, torch.int8)
-    """
-
-    def __init__(self, bits=4, granularity="channel", group_size=None, symmetric=True, narrow=False, train_zero: bool = False):
-        super().__init__(bits, granularity, group_size, symmetric, narrow)
-        self.train_zero = bool(train_zero)
-        for name in ("q", "zero", "offset"):
-            self.register_buffer(name, None)
-        self.register_parameter("scale", None)
-
-    @classmethod
-    def like(cls, quantizer: Quantizer, train_zero: bool = False) -> FrozenCodes:
-        """An empty ``FrozenCodes`` on ``quantizer``'s grid and grouping."""
-        new = cls(granularity=quantizer.granularity, group_size=quantizer.group_size, train_zero=train_zero)
-        new.grid = quantizer.grid
-        return new
-
-    def set_codes_(self, codes: Codes) -> FrozenCodes:
-        """Freeze ``codes`` (from any quantizer's ``codes(w)``); scale, zero and offset become its parameters."""
-        if codes.bias is not None:
-            raise UserError("codes with a per-row bias (Tequila) cannot be tuned scale-only: the bias depends on the latent weight; "
-                            "use adapter=lora or adapter=l4q, or a quantizer without the folded bias")
-        if (codes.granularity, codes.group_size) != (self.granularity, self.group_size):
-            raise UserError(f"codes grouped as {codes.granularity}/{codes.group_size}, this quantizer as {self.granularity}/{self.group_size}: "
-                            "build the FrozenCodes with the granularity and group_size of the quantizer that made the codes")
-        self._buffer("q", codes.codes.to(int_dtype(codes.lo, codes.hi)))
-        self._param("scale", codes.scale)
-        for name in ("zero", "offset"):
-            value = getattr(codes, name)
-            if value is None:
-                setattr(self, name, None)
-            elif self.train_zero:
-                self._param(name, value.float())
-            else:
-                self._buffer(name, value.float())
-        self.lo, self.hi = codes.lo, codes.hi
-        self.initialized.fill_(True)
-        self._ready = True
-        return self
-
-    def rtn(self) -> MinMax:
-        return MinMax.like(self)
-
-    @torch.no_grad()
-    def init_(self, x: torch.Tensor) -> FrozenCodes:
-        """Freeze the round-to-nearest codes of ``x`` on this grid (``Quantizer.rtn()``)."""
-        rtn = self.rtn().init_(x)
-        return self.set_codes_(rtn.codes(x))
-
-    def as_codes(self) -> Codes:
-        """The frozen codes with the current parameters (differentiable in ``scale``, ``zero``, ``offset``)."""
-        lo, hi = getattr(self, "lo", self.grid.lo), getattr(self, "hi", self.grid.hi)
-        return Codes(codes=self.q, scale=to_export_precision(self.scale), lo=lo, hi=hi, bits=self.bits,
-                     granularity=self.granularity, group_size=self.group_size, zero=self.zero,
-                     offset=to_export_precision(self.offset))
-
-    def dequantize(self) -> torch.Tensor:
-        """``(q - z) * s + beta`` as float32, the export's ``Codes.dequantize()``."""
-        return self.as_codes().dequantize()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._ready:
-            self.init_(x)
-        if x.shape != self.q.shape:
-            raise ValueError(f"FrozenCodes holds codes of shape {tuple(self.q.shape)}, got a tensor of shape {tuple(x.shape)}")
-        return self.dequantize().to(x.dtype)
-
-    @torch.no_grad()
-    def codes(self, x: torch.Tensor | None = None) -> Codes:
-        if not self._ready:
-            raise RuntimeError("FrozenCodes holds no codes yet: call init_(w) or set_codes_(codes)")
-        c = self.as_codes()
-        for name in ("scale", "zero", "offset"):
-            v = getattr(c, name)
-            if v is not None:
-                setattr(c, name, v.detach().float().expand(c.scale.shape).contiguous())
-        return c
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A fresh instance has no tensors yet: create them from the checkpoint's shapes. The scale
-        # (and, with train_zero, zero / offset) are Parameters; codes and frozen zeros are buffers.
-        for name in ("q", "scale", "zero", "offset"):
-            key = prefix + name
-            if key in state_dict and getattr(self, name, None) is None:
-                value = torch.empty_like(state_dict[key])
-                if name == "scale" or (name != "q" and self.train_zero):
-                    setattr(self, name, nn.Parameter(value))
-                else:
-                    self.register_buffer(name, value)
-        if prefix + "q" in state_dict:
-            self._ready = True
-        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", frozen codes, train_zero={self.train_zero}"
+from qat.quantizers.frozen import Frozen
 
 
 class _ScaleOnlyLinear(torch.autograd.Function):
@@ -169,7 +55,7 @@ class _ScaleOnlyLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, bias = ctx.saved_tensors
-        fq: FrozenCodes = ctx.quantizer
+        fq: Frozen = ctx.quantizer
         w_hat = fq.dequantize()
         grad_x = grad_y @ w_hat.to(grad_y.dtype) if ctx.needs_input_grad[0] else None
         grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
@@ -179,10 +65,10 @@ class _ScaleOnlyLinear(torch.autograd.Function):
             g = grad_y.reshape(-1, grad_y.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()
             g = group_view(g, fq.granularity, fq.group_size)  # dL/dW_hat, grouped
             if ctx.needs_input_grad[3]:
-                levels = group_view(fq.q, fq.granularity, fq.group_size).float()
+                centred = group_view(fq.q, fq.granularity, fq.group_size).float()  # q - z
                 if fq.zero is not None:
-                    levels = levels - fq.zero
-                g_s = reduce_to(levels.mul_(g), fq.scale.shape)
+                    centred = centred - fq.zero
+                g_s = reduce_to(centred.mul_(g), fq.scale.shape)
             if fq.zero is not None and ctx.needs_input_grad[4]:
                 g_z = reduce_to(g, fq.zero.shape) * -to_export_precision(fq.scale.detach())
             if fq.offset is not None and ctx.needs_input_grad[5]:
@@ -194,7 +80,7 @@ class ScaleOnlyLinear(QuantLinear):
     """A linear layer stored as frozen integer codes and trainable scales; no float weight.
 
     Args:
-        quantizer: a ``FrozenCodes`` holding the ``(out, in)`` codes.
+        quantizer: a ``Frozen`` with trainable scales holding the ``(out, in)`` codes.
         bias: the bias Parameter or None.
         act_quantizer: an input quantizer or None.
 
@@ -202,7 +88,7 @@ class ScaleOnlyLinear(QuantLinear):
         >>> layer = ScaleOnlyLinear.from_quant_linear(quant_linear)  # doctest: +SKIP
     """
 
-    def __init__(self, quantizer: FrozenCodes, bias=None, act_quantizer=None):
+    def __init__(self, quantizer: Frozen, bias=None, act_quantizer=None):
         nn.Module.__init__(self)
         self.transposed = False
         self.out_features, self.in_features = quantizer.q.shape
@@ -217,7 +103,7 @@ class ScaleOnlyLinear(QuantLinear):
         if layer.transposed:
             raise UserError("scale-only tuning of transformers' Conv1D layers is not supported; quantize nn.Linear layers")
         src = layer.weight_quantizer
-        fq = FrozenCodes.like(src, train_zero).set_codes_(src.codes(layer.latent_weight().detach()))
+        fq = Frozen.like(src, train_scale=True, train_zero=train_zero).set_codes_(src.codes(layer.latent_weight().detach()))
         return cls(fq, layer.bias, layer.act_quantizer)
 
     def latent_weight(self) -> torch.Tensor:

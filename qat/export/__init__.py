@@ -8,7 +8,7 @@ each with ``save(model, tokenizer, tmp_dir) -> dict`` (metadata for ``quant_conf
 format                    module                      what it writes
 ========================  ==========================  =============================================
 ``packed``                ``qat.export.packed``       bit-packed codes, float16 scales; ``load_packed``
-``hf``                    ``qat.export.hf``           dense float16 ``save_pretrained`` directory
+``hf``                    ``qat.export.hf``           dense 16-bit ``save_pretrained`` directory
 ``gguf``                  ``qat.export.gguf``         a GGUF file for llama.cpp
 ``compressed-tensors``    ``qat.export.compressed``   compressed-tensors "pack-quantized" (vLLM)
 ========================  ==========================  =============================================
@@ -31,6 +31,7 @@ from torch import nn
 
 from qat.errors import UserError
 from qat.export.packed import QUANT_CONFIG, load_packed
+from qat.export.precision import storage_dtype
 
 # The file-format table: format name -> module of this package that writes it.
 FORMATS = {"packed": "packed", "hf": "hf", "gguf": "gguf", "compressed-tensors": "compressed"}
@@ -38,11 +39,24 @@ FORMATS = {"packed": "packed", "hf": "hf", "gguf": "gguf", "compressed-tensors":
 __all__ = ["export_", "load_packed", "FORMATS"]
 
 
-def export_(model: nn.Module, out_dir: str | os.PathLike, format: str = "packed", tokenizer=None, overwrite: bool = False) -> Path:
+def export_(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    format: str = "packed",
+    tokenizer=None,
+    overwrite: bool = False,
+    unquantized_dtype: str = "auto",
+) -> Path:
     """Write ``model`` (quantized with ``qat.quantize_`` and trained) to ``out_dir`` in ``format``.
 
     Adapters, where ``qat.adapters`` exists, are merged into the model first (in place). The
     directory also receives ``quant_config.json``: the format and what its writer reports.
+
+    Unquantized tensors (embeddings that are not quantized, norms, biases, a float head) are stored
+    in the model's 16-bit dtype by default (``qat.export.precision``): its working dtype if that is
+    float16/bfloat16, else float16; ``unquantized_dtype="float32"`` keeps float32. Quantized
+    tensors are stored exactly whatever this says. ``load_packed`` gives the model back in the
+    dtype it was exported from.
 
     Args:
         model: a model with initialised ``QuantLinear`` / ``QuantEmbedding`` layers.
@@ -50,12 +64,13 @@ def export_(model: nn.Module, out_dir: str | os.PathLike, format: str = "packed"
         format: one of ``FORMATS``.
         tokenizer: saved with the model when given.
         overwrite: replace an existing ``out_dir`` (only once the new export is complete).
+        unquantized_dtype: ``"auto"`` (default), ``"float16"``, ``"bfloat16"`` or ``"float32"``.
 
     Returns:
         ``out_dir`` as a Path.
 
     Raises:
-        UserError: an unknown format; a model without quantized weights or with uninitialised
+        UserError: an unknown format or ``unquantized_dtype``; a model without quantized weights or with uninitialised
             quantizers; a grid the format cannot represent (raised by the format's writer);
             ``out_dir`` exists and ``overwrite`` is False.
 
@@ -65,11 +80,12 @@ def export_(model: nn.Module, out_dir: str | os.PathLike, format: str = "packed"
     """
     out_dir = Path(out_dir)
     writer = _check(model, out_dir, format, overwrite)
+    storage_dtype(model, unquantized_dtype)  # a bad choice fails before anything is written
     _merge_adapters(model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".export-"))
     try:
-        meta = writer.save(model, tokenizer, tmp) or {}
+        meta = writer.save(model, tokenizer, tmp, unquantized_dtype=unquantized_dtype) or {}
         (tmp / QUANT_CONFIG).write_text(json.dumps({"format": format, **meta}, indent=1, default=str))
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         _publish(tmp, out_dir, overwrite)

@@ -40,7 +40,8 @@ def load_source(path: Path):
     return model.eval(), tokenizer, run_dir
 
 
-def export_path(path: str | Path, format: str = "packed", out: str | Path | None = None, overwrite: bool = False) -> Path:
+def export_path(path: str | Path, format: str = "packed", out: str | Path | None = None, overwrite: bool = False,
+                unquantized_dtype: str = "auto") -> Path:
     """Export the model at ``path`` (see ``load_source``) to ``out``; returns the directory written.
 
     ``out`` defaults to ``<run_dir>/export`` for the packed format and ``<run_dir>/export-<format>``
@@ -61,23 +62,26 @@ def export_path(path: str | Path, format: str = "packed", out: str | Path | None
     model, tokenizer, run_dir = load_source(path)
     if out is None:
         out = run_dir / ("export" if format == "packed" else f"export-{format}")
-    return export_(model, out, format=format, tokenizer=tokenizer, overwrite=overwrite)
+    return export_(model, out, format=format, tokenizer=tokenizer, overwrite=overwrite, unquantized_dtype=unquantized_dtype)
 
 
 def main(argv: list[str] | None = None) -> None:
     from qat.export import FORMATS
+    from qat.export.precision import CHOICES
 
     parser = argparse.ArgumentParser(prog="qat-export", description=__doc__.splitlines()[0])
     parser.add_argument("path", help="a qat-train run directory, one of its .ckpt files, or a packed export directory")
     parser.add_argument("--format", default="packed", help=f"one of: {', '.join(FORMATS)} (default: packed)")
     parser.add_argument("--out", help="directory to write (default: <run>/export, or <run>/export-<format>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--unquantized-dtype", default="auto", choices=CHOICES,
+                        help="dtype of the tensors left unquantized (default auto: the model's 16-bit dtype, float16 for a float32 model)")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # errors are one line; loading bars would surround them
     try:
-        out = export_path(args.path, args.format, args.out, args.overwrite)
+        out = export_path(args.path, args.format, args.out, args.overwrite, args.unquantized_dtype)
     except UserError as e:  # a mistake in the input: one line; anything else is a bug and keeps its traceback
         exit_on_user_error("qat-export", e)
     print(out)

@@ -21,6 +21,8 @@ int4, in [-128, 127] int8, ``z = 0``; asymmetric codes ``c`` in [0, 2^b - 1] wit
 (``(c - z)`` is unchanged). vLLM's kernels serve widths 4 and 8 only, so 2- and 3-bit grids and
 ternary are stored in int4 (exact; the report gives the stored bits per weight). Scales are kept
 in float32 (``scale_dtype``), so the decompressed weights equal the fake-quant weights bitwise.
+The other tensors (embeddings, norms, the head) are stored in the model's 16-bit dtype
+(``qat.export.precision``) unless ``unquantized_dtype="float32"``.
 Refused: LSQ+ offsets and half-integer zero points (SEQ 2-bit), which ``(q - z) * s`` cannot
 express; Tequila's folded bias (a Llama ``Linear`` has no bias slot here); quantized embeddings
 and activation quantization (weight-only ``Linear`` format).
@@ -40,7 +42,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qat.convert import iter_codes
 from qat.errors import UserError
+from qat.export.precision import cast, storage_dtype
 from qat.nn.embedding import QuantEmbedding
 from qat.nn.linear import QuantLinear
 from qat.quantizers.base import Codes
@@ -142,7 +146,7 @@ def _groups(layers: dict[str, tuple[Codes, tuple[int, int]]]) -> dict[tuple, lis
 
 
 @torch.no_grad()
-def save(model: nn.Module, tokenizer, tmp_dir: Path) -> dict:
+def save(model: nn.Module, tokenizer, tmp_dir: Path, unquantized_dtype: str | torch.dtype = "auto") -> dict:
     """Write ``config.json`` (with ``quantization_config``), ``model.safetensors`` and the tokenizer.
 
     Args:
@@ -150,6 +154,7 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path) -> dict:
             merged). Not modified.
         tokenizer: saved alongside when not None.
         tmp_dir: an existing directory to write into.
+        unquantized_dtype: the dtype of the tensors outside quantized layers (``qat.export.precision``).
 
     Returns:
         ``{"format": "compressed-tensors", "file": "model.safetensors", "bytes",
@@ -173,16 +178,13 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path) -> dict:
         raise ImportError("the compressed-tensors export needs the compressed-tensors package: pip install 'qat[export]'") from e
     from safetensors.torch import save_file
 
-    layers: dict[str, tuple[Codes, tuple[int, int]]] = {}
     for name, m in model.named_modules():
         if isinstance(m, QuantEmbedding):
             raise UserError(f"{name}: pack-quantized quantizes Linear layers; keep the embeddings in float (exclude them)")
         if getattr(m, "act_quantizer", None) is not None:
             raise UserError(f"{name} quantizes its input activations; the pack-quantized export is weight-only: "
                             "export with activation quantization switched off")
-        if isinstance(m, QuantLinear) and m.weight_quantizer is not None:
-            w = m.latent_weight().detach().float()
-            layers[name] = (m.weight_quantizer.codes(w), tuple(w.shape))
+    layers = {name: (codes, tuple(codes.codes.shape)) for name, _, codes in iter_codes(model)}
     if not layers:
         raise UserError("the model holds no quantized Linear layer: nothing to export as pack-quantized")
 
@@ -209,9 +211,10 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path) -> dict:
     skip = {f"{n}.weight" for n, m in model.named_modules() if tied and m is head}  # save_pretrained drops tied heads
     for n in layers:
         skip |= {k for k in model.get_submodule(n).state_dict(prefix=n + ".") if k != f"{n}.bias"}
+    dtype = storage_dtype(model, unquantized_dtype)
     for key, t in model.state_dict().items():
         if key not in skip:
-            state[key] = t.detach().contiguous().clone()
+            state[key] = cast(t.detach(), dtype, key).contiguous().clone()
 
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers)
     qconfig = QuantizationConfig(

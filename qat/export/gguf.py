@@ -30,8 +30,11 @@ rotary layout, the inverse of transformers' ``LlamaTensorProcessor._reverse_perm
 (rows are whole output channels and groups run along ``in``, so codes, scales and biases are
 permuted together). Tequila's folded bias (plus any layer bias) is written as the optional
 ``blk.N.{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down}.bias`` tensors, which
-llama.cpp's llama graph adds (``src/models/llama.cpp``, ``create_tensor_qkv``). Other tensors are
-F16 where that is exact, else F32 (norms always F32). The tokenizer and hyperparameters are
+llama.cpp's llama graph adds (``src/models/llama.cpp``, ``create_tensor_qkv``). Other matrices (an
+unquantized embedding or head) are stored in the model's 16-bit dtype, F16 or BF16
+(``qat.export.precision``), as ``convert_hf_to_gguf.py --outtype f16`` does; vectors (norms, biases)
+stay F32, as llama.cpp wants them. With ``unquantized_dtype="float32"`` a matrix is F16 only where
+that is exact, else F32. The tokenizer and hyperparameters are
 copied from the GGUF file the model was loaded from (``qat.models`` records it), so llama.cpp
 tokenizes exactly as the original file does.
 """
@@ -50,9 +53,10 @@ import torch
 from gguf import GGMLQuantizationType as T
 from torch import nn
 
+from qat.convert import iter_codes, quantized_layers
 from qat.errors import UserError
+from qat.export.precision import cast, storage_dtype
 from qat.nn.embedding import QuantEmbedding
-from qat.nn.linear import QuantLinear
 from qat.quantizers.base import Codes
 
 log = logging.getLogger(__name__)
@@ -213,12 +217,19 @@ def source_gguf(model: nn.Module) -> Path | None:
     return path if path.is_file() else None
 
 
-def _float_array(t: torch.Tensor) -> np.ndarray:
-    """F16 where every value is a float16 value (and the tensor is 2-D), else F32."""
+def _float_array(t: torch.Tensor, dtype: torch.dtype = torch.float16) -> tuple[np.ndarray, T | None]:
+    """``(array, raw type)`` of an unquantized tensor: a matrix in ``dtype`` (F16 / BF16; float32:
+    F16 where every value is a float16 value, else F32), a vector in F32. The raw type is BF16 for
+    BF16 bytes, else None (the writer reads F16 / F32 from the numpy dtype)."""
     t = t.detach().float().cpu()
-    if t.ndim >= 2 and torch.equal(t.half().float(), t):
-        return t.half().numpy()
-    return t.numpy()
+    if t.ndim < 2:
+        return t.numpy(), None
+    if dtype == torch.bfloat16:
+        return t.bfloat16().view(torch.int16).numpy().view(np.uint8), T.BF16
+    if dtype == torch.float16 or torch.equal(t.half().float(), t):
+        half = cast(t, torch.float16, "tensor")
+        return half.numpy(), None
+    return t.numpy(), None
 
 
 @functools.lru_cache(maxsize=2)
@@ -257,18 +268,26 @@ def _copy_metadata(writer: gguf.GGUFWriter, source: Path, config) -> None:
                         "pass the GGUF file the model was loaded from as source=")
 
 
-def _tensors(model: nn.Module, ternary: str) -> list[tuple[str, np.ndarray, T | None]]:
-    """``(hf_name, array, qtype)`` for every tensor llama.cpp needs; qtype None for float arrays."""
+def _tensors(model: nn.Module, ternary: str, dtype: torch.dtype = torch.float16) -> list[tuple[str, np.ndarray, T | None]]:
+    """``(hf_name, array, qtype)`` for every tensor llama.cpp needs; qtype None for F16/F32 arrays,
+    BF16 for bfloat16 bytes; unquantized matrices in ``dtype`` (see ``_float_array``)."""
     cfg = model.config
     heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding)) and m.weight_quantizer is not None}
+    quantized = {n for n, m in quantized_layers(model) if m.weight_quantizer is not None}
+    codes_in_order = iter_codes(model)  # the same module walk as below: one layer's codes made at a time
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    tied_plain = head is not None and head.weight is embed.weight and not isinstance(head, QuantLinear) and not isinstance(embed, QuantEmbedding)
+    tied = head is not None and head.weight is embed.weight and (
+        getattr(head, "weight_quantizer", None) is getattr(embed, "weight_quantizer", None)  # both float, or one quantized table
+    )
     inside = tuple(n + "." for n in quantized)  # their quantizers' parameters are not tensors of the model
     out = []
     for name, module in model.named_modules():
-        if (module is head and tied_plain) or (inside and name.startswith(inside)):
-            continue  # a tied plain head: llama.cpp reuses token_embd when output.weight is absent
+        if module is head and tied:
+            if name in quantized:
+                next(codes_in_order)  # the embedding's codes again: the walks stay in step
+            continue  # a tied head: llama.cpp reuses token_embd when output.weight is absent
+        if inside and name.startswith(inside):
+            continue
         n_head = heads.get(name.rsplit(".", 1)[-1])
         if getattr(module, "act_quantizer", None) is not None:
             raise UserError(
@@ -276,9 +295,9 @@ def _tensors(model: nn.Module, ternary: str) -> list[tuple[str, np.ndarray, T | 
                 "activations its own way: export with activation quantization switched off"
             )
         if name in quantized:
-            w = module.latent_weight() if isinstance(module, QuantLinear) else module.weight
-            codes = module.weight_quantizer.codes(w.detach().float())
-            shape = tuple(w.shape)
+            walked, _, codes = next(codes_in_order)
+            assert walked == name, (walked, name)  # iter_codes walks named_modules in the same order
+            shape = tuple(codes.codes.shape)
             qtype = ggml_type(codes, shape[1], ternary, name)
             out.append((name + ".weight", encode(codes, shape, qtype, n_head), qtype))
             bias = None if isinstance(module, QuantEmbedding) or module.bias is None else module.bias.detach().float().cpu()
@@ -289,15 +308,16 @@ def _tensors(model: nn.Module, ternary: str) -> list[tuple[str, np.ndarray, T | 
                 out.append((name + ".bias", hf_to_gguf_rows(b, n_head) if n_head else b, None))
             continue
         for pname, p in module.named_parameters(recurse=False):
-            a = _float_array(p)
+            a, raw = _float_array(p, dtype)
             if n_head and pname in ("weight", "bias"):
                 a = hf_to_gguf_rows(a, n_head)
-            out.append((f"{name}.{pname}", a, None))
+            out.append((f"{name}.{pname}", a, raw))
     return out
 
 
 @torch.no_grad()
-def save(model: nn.Module, tokenizer, tmp_dir: Path, *, ternary: str = "TQ2_0", source: str | Path | None = None) -> dict:
+def save(model: nn.Module, tokenizer, tmp_dir: Path, *, ternary: str = "TQ2_0", source: str | Path | None = None,
+         unquantized_dtype: str | torch.dtype = "auto") -> dict:
     """Write ``model.gguf`` into ``tmp_dir``.
 
     Args:
@@ -309,6 +329,7 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path, *, ternary: str = "TQ2_0", 
         ternary: ``"TQ2_0"`` (2.06 bits per weight, faster) or ``"TQ1_0"`` (1.69) for ternary rows.
         source: the GGUF file the model came from; by default the one ``qat.models.load_model``
             recorded.
+        unquantized_dtype: the dtype of unquantized matrices (``qat.export.precision``; see above).
 
     Returns:
         ``{"format": "gguf", "file": "model.gguf", "bytes", "tensor_types": {type: count},
@@ -333,7 +354,7 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path, *, ternary: str = "TQ2_0", 
             "GGUF export copies the tokenizer and hyperparameters from the GGUF file the model was loaded "
             "from; load the model with qat.models.load_model('<name or file>.gguf') or pass source=<file.gguf>"
         )
-    tensors = _tensors(model, ternary)
+    tensors = _tensors(model, ternary, storage_dtype(model, unquantized_dtype))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     path = Path(tmp_dir) / FILENAME
     writer = gguf.GGUFWriter(path, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
@@ -347,6 +368,9 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path, *, ternary: str = "TQ2_0", 
         if qtype is None:
             writer.add_tensor(gguf_name, array)
             types["F16" if array.dtype == np.float16 else "F32"] += 1
+        elif qtype == T.BF16:
+            writer.add_tensor(gguf_name, array, raw_dtype=qtype)
+            types["BF16"] += 1
         else:
             writer.add_tensor(gguf_name, array, raw_dtype=qtype)
             types[qtype.name] += 1

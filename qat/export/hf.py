@@ -1,15 +1,17 @@
-"""Dense float16 export: a ``save_pretrained`` directory that plain transformers loads.
+"""Dense 16-bit export: a ``save_pretrained`` directory that plain transformers loads.
 
 Every quantized layer is replaced by a plain layer holding its quantized weight (``to_float``:
-eval rounding, Tequila's dead-zone bias folded into the layer bias), and the model is saved in
-float16 with its config and tokenizer. Nothing qat-specific is needed to load it::
+eval rounding, Tequila's dead-zone bias folded into the layer bias), and the model is saved in its
+16-bit dtype (``qat.export.precision``: float16 for a model trained in float32, bfloat16 for one
+that works in bfloat16; ``unquantized_dtype="float32"`` keeps float32) with its config and tokenizer. Nothing qat-specific is needed to load it::
 
     AutoModelForCausalLM.from_pretrained(out_dir)
 
 Precision: a weight ``(c - z) * s`` with a float16 scale ``s`` is a float16 value when
 ``|c - z| * s`` fits float16's 11-bit significand, i.e. exactly for ternary and for ``|c - z| <= 2``
 whatever ``s``; wider codes round to the nearest float16 (relative error <= 2^-11). Folded biases
-and unquantized tensors round to float16 as any float16 checkpoint does.
+and unquantized tensors round to float16 as any float16 checkpoint does. In bfloat16 (8-bit
+significand) the baked weights round too: use the packed or GGUF format for exact codes.
 
 Architectures whose linear layers have no bias (Llama's) get one where Tequila needs it: the
 config's ``attention_bias`` / ``mlp_bias`` switches are turned on and the layers without a folded
@@ -26,17 +28,19 @@ from torch import nn
 
 from qat.convert import dequantize_
 from qat.errors import UserError
+from qat.export.precision import storage_dtype
 
 BIAS_SWITCHES = ("attention_bias", "mlp_bias")  # config flags that give linear layers a bias
 
 
-def save(model: nn.Module, tokenizer, tmp_dir: Path) -> dict:
-    """Write a dense float16 copy of ``model`` (quantized weights baked in) with ``save_pretrained``.
+def save(model: nn.Module, tokenizer, tmp_dir: Path, unquantized_dtype: str | torch.dtype = "auto") -> dict:
+    """Write a dense 16-bit copy of ``model`` (quantized weights baked in) with ``save_pretrained``.
 
     Args:
         model: a transformers model with quantized layers; it is not modified (a copy is saved).
         tokenizer: saved beside the model when not None.
         tmp_dir: an existing, empty directory.
+        unquantized_dtype: the dtype of the saved copy (``qat.export.precision.storage_dtype``).
 
     Returns:
         ``{"architecture", "dtype", "layers"}`` for ``quant_config.json``.
@@ -52,10 +56,11 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path) -> dict:
     names = [n for n, _ in quantized_layers(model)]
     dense = dequantize_(copy.deepcopy(model))  # the copy has its own config: flags may change below
     _make_room_for_biases(dense)
-    dense.half().save_pretrained(tmp_dir)
+    dtype = storage_dtype(model, unquantized_dtype)
+    dense.to(dtype).save_pretrained(tmp_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp_dir)
-    return {"architecture": type(model).__name__, "dtype": "float16", "layers": names}
+    return {"architecture": type(model).__name__, "dtype": str(dtype).removeprefix("torch."), "layers": names}
 
 
 def _make_room_for_biases(dense: nn.Module) -> None:

@@ -9,10 +9,14 @@ An export directory holds::
                            NAME.offsets     float16 offsets (LSQ+), (rows, n_groups)
                            NAME.extra_bias  float32 (out,), Tequila's folded dead-zone bias
                            NAME.bias        the layer's own bias, as it was
-                         every other tensor of the model's state dict, as it was (tied copies once)
-    quant_config.json    format, architecture, dtype and, per layer: kind, shape, bits (field width),
+                         every other tensor of the model's state dict (tied copies once), floating
+                         point ones in ``unquantized_dtype`` (the model's 16-bit dtype by default)
+    quant_config.json    format, architecture, dtype (the working dtype ``load_packed`` restores),
+                         unquantized_dtype and, per layer: kind, shape, bits (field width),
                          grid_bits, lo, hi, granularity, group_size, layout, padding (unused bits
-                         at the end of the packed stream; unused trits for base3), zero, dtype
+                         at the end of the packed stream; unused trits for base3), zero, dtype;
+                         a head tied to a quantized embedding: kind linear, tied_to (the
+                         embedding's name), no tensors of its own
     config.json, tokenizer files
 
 Each layer's weight is rebuilt as ``Codes.dequantize()``, i.e. ``(c - z) * s + offset`` on the
@@ -35,9 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.convert import quantized_layers
+from qat.convert import iter_codes, quantized_layers
 from qat.errors import UserError
 from qat.export.pack import pack, packed_numel, unpack
+from qat.export.precision import cast, storage_dtype
 from qat.nn.embedding import QuantEmbedding
 from qat.nn.linear import QuantLinear
 from qat.quantizers.base import Codes, int_dtype
@@ -53,7 +58,8 @@ _EMBEDDING_ATTRS = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq"
 # -- writing ---------------------------------------------------------------------------------------
 
 
-def save(model: nn.Module, tokenizer, tmp_dir: Path, ternary_layout: str = "base3") -> dict:
+def save(model: nn.Module, tokenizer, tmp_dir: Path, ternary_layout: str = "base3",
+         unquantized_dtype: str | torch.dtype = "auto") -> dict:
     """Write ``model`` (with quantized layers) in the packed format into ``tmp_dir``.
 
     Args:
@@ -61,6 +67,9 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path, ternary_layout: str = "base
         tokenizer: saved beside the model when not None.
         tmp_dir: an existing, empty directory (``qat.export_`` renames it into place).
         ternary_layout: ``"base3"`` (5 codes per byte) or ``"bits"`` (4 per byte) for ternary grids.
+        unquantized_dtype: the dtype of the floating-point tensors that are not part of a quantized
+            layer: ``"auto"`` (the model's 16-bit dtype, see ``qat.export.precision``), ``"float16"``,
+            ``"bfloat16"``, ``"float32"`` or a torch dtype. Quantized layers' tensors are not affected.
 
     Returns:
         The metadata ``qat.export_`` writes to ``quant_config.json``: architecture, dtype, layers.
@@ -74,18 +83,24 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path, ternary_layout: str = "base
     if not hasattr(model, "config") or not hasattr(model.config, "save_pretrained"):
         raise UserError("the packed format rebuilds a transformers model from its config: model has no .config")
     tensors, layers, skip = {}, {}, set()
-    for name, layer in quantized_layers(model):
+    tables = {(id(m.weight), id(m.weight_quantizer)): n for n, m in quantized_layers(model) if isinstance(m, QuantEmbedding)}
+    for name, _ in quantized_layers(model):
         skip.add(f"{name}.act_quantizer.")  # activation quantization is not exported (see pack_layer)
-        if layer.weight_quantizer is None:
-            continue  # activation-only: the weight stays a plain tensor of the state dict
-        spec, parts = pack_layer(name, layer, ternary_layout)
+    for name, layer, codes in iter_codes(model):  # activation-only layers' weights stay plain tensors
+        table = tables.get((id(layer.weight), id(layer.weight_quantizer))) if isinstance(layer, QuantLinear) else None
+        if table is not None:  # a head tied to a quantized embedding (qat.quantize_ shares the quantizer): its codes once
+            layers[name] = {"kind": "linear", "tied_to": table}
+            skip |= {f"{name}.weight", f"{name}.weight_quantizer."}
+            continue
+        spec, parts = pack_layer(name, layer, codes, ternary_layout)
         layers[name] = spec
         tensors.update({f"{name}.{k}": v for k, v in parts.items()})
         skip |= {f"{name}.weight", f"{name}.weight_quantizer."}
     dropped = [n for n, spec in layers.items() if spec.get("activation_dropped")]
     if dropped:
         log.warning("activation quantization of %d layers (e.g. %s) is not part of the packed format (weights only)", len(dropped), dropped[0])
-    tensors.update(_plain_tensors(model, skip))
+    plain_dtype = storage_dtype(model, unquantized_dtype)
+    tensors.update(_plain_tensors(model, skip, plain_dtype))
     save_file(tensors, str(tmp_dir / WEIGHTS), metadata={"format": "pt"})
     config = copy.deepcopy(model.config)  # the user's model keeps its config as it was
     config.architectures = [type(model).__name__]
@@ -93,18 +108,19 @@ def save(model: nn.Module, tokenizer, tmp_dir: Path, ternary_layout: str = "base
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp_dir)
     dtype = next(model.parameters()).dtype
-    return {"architecture": type(model).__name__, "dtype": str(dtype).removeprefix("torch."), "weights": WEIGHTS, "layers": layers}
+    return {"architecture": type(model).__name__, "dtype": str(dtype).removeprefix("torch."),
+            "unquantized_dtype": str(plain_dtype).removeprefix("torch."),
+            "weights": WEIGHTS, "layers": layers}
 
 
-def pack_layer(name: str, layer: QuantLinear | QuantEmbedding, ternary_layout: str = "base3") -> tuple[dict, dict]:
-    """``(spec, tensors)`` of one quantized layer: its codes packed, its scales in float16.
+def pack_layer(name: str, layer: QuantLinear | QuantEmbedding, codes: Codes, ternary_layout: str = "base3") -> tuple[dict, dict]:
+    """``(spec, tensors)`` of one quantized layer: its ``codes`` (from ``iter_codes``) packed, its scales in float16.
 
     Raises:
         UserError: scales or offsets that float16 does not hold exactly.
     """
     embedding = isinstance(layer, QuantEmbedding)
-    weight = layer.weight if embedding else layer.latent_weight()
-    codes = layer.weight_quantizer.codes(weight)
+    weight = layer.latent_weight()
     levels = codes.hi - codes.lo + 1
     bits = max(1, math.ceil(math.log2(levels)))
     layout = ternary_layout if levels == 3 else "bits"
@@ -158,8 +174,9 @@ def _narrowest_exact(t: torch.Tensor) -> torch.Tensor:
     return t.float().contiguous()
 
 
-def _plain_tensors(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
-    """The state dict without ``skip`` (exact keys, or prefixes ending in '.'), tied tensors once."""
+def _plain_tensors(model: nn.Module, skip: set[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The state dict without ``skip`` (exact keys, or prefixes ending in '.'), tied tensors once,
+    floating-point ones in ``dtype`` (None: as they are)."""
     prefixes = tuple(p for p in skip if p.endswith("."))
     out, views, storages = {}, set(), set()
     for key, t in model.state_dict().items():
@@ -170,7 +187,8 @@ def _plain_tensors(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
         if view in views:
             continue  # tied (lm_head = embed_tokens): the model ties it again on load
         # safetensors refuses two tensors on one storage: a different view of a stored one is copied
-        out[key] = t.detach().clone() if storage in storages else t.detach().contiguous()
+        t = t.detach() if dtype is None else cast(t.detach(), dtype, key)
+        out[key] = t.clone() if storage in storages else t.contiguous()
         views.add(view)
         storages.add(storage)
     return out
@@ -260,8 +278,9 @@ def load_packed(path: str | Path) -> nn.Module:
 
     The architecture class named in ``quant_config.json`` is built from the saved ``config.json``
     (without random initialisation), its quantized layers are replaced by ``PackedLinear`` /
-    ``PackedEmbedding`` modules holding the packed tensors, and every other tensor is loaded as
-    saved. The tokenizer, where one was exported, loads with ``AutoTokenizer.from_pretrained(path)``.
+    ``PackedEmbedding`` modules holding the packed tensors, and every other tensor is loaded into
+    the model's working dtype (``dtype`` in ``quant_config.json``, e.g. float32 for a model trained
+    in float32 whose unquantized tensors were stored in float16). The tokenizer, where one was exported, loads with ``AutoTokenizer.from_pretrained(path)``.
 
     Args:
         path: a directory written by ``qat.export_(model, path, format="packed")``.
@@ -300,8 +319,13 @@ def load_packed(path: str | Path) -> nn.Module:
     if not weights.is_file():
         raise UserError(f"{weights} is missing: {path} is an incomplete export; export the model again")
     state = load_file(str(weights))
-    for name, spec in meta["layers"].items():
-        parts = {p: state.pop(f"{name}.{p}") for p in _PARTS if f"{name}.{p}" in state}
+    packed = {}
+    for name, spec in sorted(meta["layers"].items(), key=lambda kv: "tied_to" in kv[1]):
+        if "tied_to" in spec:  # the head multiplies by the embedding's packed table: the same buffers
+            table = {**meta["layers"][spec["tied_to"]], **spec}
+            _set_module(model, name, PackedLinear(table, packed[spec["tied_to"]], state.pop(f"{name}.bias", None)))
+            continue
+        packed[name] = parts = {p: state.pop(f"{name}.{p}") for p in _PARTS if f"{name}.{p}" in state}
         if spec["kind"] == "embedding":
             _set_module(model, name, PackedEmbedding(spec, parts))
         else:
@@ -325,7 +349,7 @@ def requantize_(model: nn.Module) -> nn.Module:
     """Turn a ``load_packed`` model's packed layers back into ``QuantLinear`` / ``QuantEmbedding``, in place.
 
     Each gets its dequantized weight and a ``qat.quantizers.Frozen`` quantizer holding the packed
-    codes, so ``export_`` can write the same codes in another format (hf, gguf, compressed-tensors).
+    codes (``Frozen(layer.codes())``), so ``export_`` can write the same codes in another format (hf, gguf, compressed-tensors).
 
     Example:
         >>> export_(requantize_(load_packed("out/w4")), "out/w4-gguf", format="gguf")  # doctest: +SKIP
@@ -333,7 +357,13 @@ def requantize_(model: nn.Module) -> nn.Module:
     from qat.convert import _set_module
     from qat.quantizers.frozen import Frozen
 
-    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, _PackedWeight)]:
+    done = {}
+    modules = sorted(((n, m) for n, m in model.named_modules() if isinstance(m, _PackedWeight)), key=lambda nm: "tied_to" in nm[1].spec)
+    for name, m in modules:
+        if "tied_to" in m.spec:  # a tied head: the embedding's weight and quantizer, as quantize_ built it
+            emb = done[m.spec["tied_to"]]
+            _set_module(model, name, QuantLinear(emb.weight, m.bias, emb.weight_quantizer))
+            continue
         codes = m.codes()
         weight = nn.Parameter(m.dequantized_weight(), requires_grad=False)
         if isinstance(m, PackedEmbedding):
@@ -342,6 +372,7 @@ def requantize_(model: nn.Module) -> nn.Module:
         else:
             new = QuantLinear(weight, m.bias, Frozen(codes))
         _set_module(model, name, new)
+        done[name] = new
     return model
 
 
@@ -382,6 +413,8 @@ def size_report(path: str | Path) -> dict:
             sizes[key] = (math.prod(sl.get_shape()), itemsize)
     n_weights = layer_bytes = ideal = 0
     for name, spec in meta["layers"].items():
+        if "tied_to" in spec:
+            continue  # the embedding's codes, counted once
         numel = math.prod(spec["shape"])
         n_weights += numel
         ideal += spec["grid_bits"] * numel / 8

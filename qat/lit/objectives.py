@@ -5,7 +5,7 @@ frozen FP model (Hinton et al., 2015)::
 
     loss = (1 - w) * CE(student) + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
-Metric: perplexity on held-out blocks (``qat.eval.perplexity``). ``chunk_tokens`` computes the
+Metric: perplexity on held-out blocks (``qat.metrics.perplexity``). ``chunk_tokens`` computes the
 cross-entropy without the full logits in memory (``qat.lit.chunked_loss``).
 
 ``EmbeddingDistill``: sentence-embedding distillation for encoders (all-MiniLM-L6-v2): the
@@ -76,7 +76,7 @@ class CausalLM:
     @torch.no_grad()
     def evaluate(self, model, batches, teacher=None) -> float:
         """Perplexity over all predicted tokens of ``batches`` (dicts with ``input_ids``)."""
-        from qat.eval import perplexity
+        from qat.metrics import perplexity
 
         return perplexity(model, torch.cat([b["input_ids"] for b in batches]))
 

@@ -38,6 +38,10 @@ class QuantEmbedding(nn.Embedding):
             weight_quantizer.init_(module.weight)
         return cls(module, weight_quantizer)
 
+    def latent_weight(self) -> torch.Tensor:
+        """The trainable table, ``(num_embeddings, embedding_dim)``, as the weight quantizer sees it."""
+        return self.weight
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         table = self.weight_quantizer(self.weight)
         return F.embedding(ids, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)

@@ -30,11 +30,12 @@ per-group bounds (``lo = -z``, ``hi = 2^b - 1 - z``), so ``x_hat = q * s`` equal
 Export precision (ALGORITHMS.md section 8, "bit-exact recipe"): the packed export stores scales and
 float offsets in float16, so training uses them at that precision: ``s``, ``beta`` and ``s_out``
 are rounded to the nearest float16 value (``to_export_precision``) wherever they are used, in
-``levels`` and in the output product. The rounding is straight-through: the value is ``fp16(s)``
-held in float32, and the gradient computed for that value goes to the float32 master ``s``
-unchanged (the custom kernel rounds inside, so it still saves only its inputs). Because ``levels``
-rounds, every quantizer's ``codes()`` sees the same step as its forward. Dequantizing ``(c - z) * fp16(s)`` in float32 is then exact while ``|c - z| < 2^13``,
-and equal to the training forward bitwise in any case (same operation on the same values).
+``unrounded_codes`` and in the output product. The rounding is straight-through: the value is
+``fp16(s)`` held in float32, and the gradient computed for that value goes to the float32 master
+``s`` unchanged (the custom kernel rounds inside, so it still saves only its inputs). Because
+``unrounded_codes`` rounds, every quantizer's ``codes()`` sees the same step as its forward.
+Dequantizing ``(c - z) * fp16(s)`` in float32 is then exact while ``|c - z| < 2^13``, and equal to
+the training forward bitwise in any case (same operation on the same values).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class _RoundToHalf(torch.autograd.Function):
 def to_export_precision(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` rounded to float16 precision (the exported scale), with a straight-through gradient.
 
-    Idempotent, so rounding twice (on entry to ``fake_quant`` and again in ``levels``) is harmless.
+    Idempotent, so rounding twice (on entry to ``fake_quant`` and again in ``unrounded_codes``) is harmless.
     Scales are floored well above float16's smallest subnormal (``qat.quantizers.base.EPS``), so a
     positive scale stays positive.
 
@@ -86,10 +87,11 @@ def to_export_precision(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(t.dtype)
 
 
-def levels(x: torch.Tensor, s: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+def unrounded_codes(x: torch.Tensor, s: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
     """``u = (x - beta) / s`` in float32 (float64 stays float64): the one expression forward, backward and export share.
 
-    ``s`` and ``beta`` are taken at export precision (float16-rounded; see the module docstring).
+    ``u`` is the code before rounding and clamping (``q = clamp(round(u), lo, hi)``; with an integer
+    zero point the stored code is ``q + z``). ``s`` and ``beta`` are taken at export precision (float16-rounded; see the module docstring).
     """
     x = x.to(_compute_dtype(x.dtype))
     if beta is not None:
@@ -121,7 +123,7 @@ class _FakeQuant(torch.autograd.Function):
     # per step (benchmarks/overhead.py).
     @staticmethod
     def forward(ctx, x, s, beta, s_out, lo, hi, estimator, grad_scale, scale_mode):
-        u = levels(x, s, beta)
+        u = unrounded_codes(x, s, beta)
         q = estimator.quantize(u, lo, hi, inplace=not estimator.stochastic)  # u is ours and dies here
         ctx.lo, ctx.hi, ctx.estimator = lo, hi, estimator
         ctx.grad_scale, ctx.scale_mode = grad_scale, scale_mode
@@ -139,7 +141,7 @@ class _FakeQuant(torch.autograd.Function):
         x, s, beta, q = ctx.saved_tensors
         lo, hi, est = ctx.lo, ctx.hi, ctx.estimator
         grad = grad.to(_compute_dtype(grad.dtype))
-        u = levels(x, s, beta)
+        u = unrounded_codes(x, s, beta)
         recomputed = q is None
         if recomputed:
             q = est.quantize(u, lo, hi)
@@ -196,7 +198,7 @@ def fake_quant(
         s = scale_grad(s, grad_scale)
         if beta is not None:
             beta = scale_grad(beta, grad_scale)
-        u = levels(x, s, beta)
+        u = unrounded_codes(x, s, beta)
         q = estimator.quantize(u, lo, hi)
         out = q * (s if s_out is None else s_out.detach())
         if beta is not None:

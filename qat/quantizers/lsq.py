@@ -39,7 +39,7 @@ import torch
 
 from qat.errors import UserError
 from qat.quantizers.base import LEARNED_EPS, Codes, Quantizer
-from qat.quantizers.fake_quant import fake_quant, levels
+from qat.quantizers.fake_quant import fake_quant, unrounded_codes
 from qat.quantizers.minmax import MinMax
 
 
@@ -103,7 +103,7 @@ class LSQ(Quantizer):
     def _codes(self, g, x) -> Codes:
         s = self.scale.clamp_min(LEARNED_EPS)
         beta = self.offset if self.use_offset else None
-        q = self.estimator.quantize(levels(g, s, beta), self.grid.lo, self.grid.hi)
+        q = self.estimator.quantize(unrounded_codes(g, s, beta), self.grid.lo, self.grid.hi)
         extra = {"offset": beta.detach().float().expand_as(s).contiguous()} if beta is not None else {}
         return self._make_codes(q, x, s, self.grid.lo, self.grid.hi, **extra)
 

@@ -29,7 +29,7 @@ import torch
 
 from qat.estimators import ClippedSTE
 from qat.quantizers.base import Codes, Quantizer
-from qat.quantizers.fake_quant import fake_quant, levels
+from qat.quantizers.fake_quant import fake_quant, unrounded_codes
 from qat.quantizers.minmax import MinMax
 
 H_MIN, H_MAX = 1e-5, 1e4
@@ -56,7 +56,7 @@ class LWC(Quantizer):
     def __init__(self, bits=4, granularity="channel", group_size=None, symmetric=False, estimator=None, init: float = 4.0):
         super().__init__(bits, granularity, group_size, symmetric=symmetric, estimator=estimator)
         self.init_logit = float(init)
-        self.levels = 2**bits - 1
+        self.max_code = 2**bits - 1  # the largest unsigned code; the clipping range spans max_code steps
 
     def default_estimator(self):
         return ClippedSTE(after_round=True)
@@ -80,18 +80,18 @@ class LWC(Quantizer):
             h = h.clamp(H_MIN, H_MAX)
             z = torch.full_like(h, float(half)).detach()
         else:
-            h = ((up - low) / self.levels).clamp(H_MIN, H_MAX)
+            h = ((up - low) / self.max_code).clamp(H_MIN, H_MAX)
             z = torch.round(-low / h).clamp(-1e4, 1e4).detach()
         return h, z
 
     def _fake_quant(self, g):
         h, z = self._step_and_zero(g)
-        return fake_quant(g, h, -z, self.levels - z, self.estimator)
+        return fake_quant(g, h, -z, self.max_code - z, self.estimator)
 
     def _codes(self, g, x) -> Codes:
         h, z = self._step_and_zero(g)
-        q = self.estimator.quantize(levels(g, h, None), -z, self.levels - z)
-        return self._make_codes(q + z, x, h, 0, self.levels, zero=z.contiguous())
+        q = self.estimator.quantize(unrounded_codes(g, h, None), -z, self.max_code - z)
+        return self._make_codes(q + z, x, h, 0, self.max_code, zero=z.contiguous())
 
     def extra_repr(self):
         return super().extra_repr() + f", symmetric={self.grid.signed}"

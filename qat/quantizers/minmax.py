@@ -29,7 +29,7 @@ import torch
 
 from qat.estimators import ClippedSTE
 from qat.quantizers.base import EPS, Codes, Quantizer
-from qat.quantizers.fake_quant import fake_quant, levels
+from qat.quantizers.fake_quant import fake_quant, unrounded_codes
 
 
 class MinMax(Quantizer):
@@ -100,7 +100,7 @@ class MinMax(Quantizer):
     def _codes(self, g, x) -> Codes:
         s, z = self._current(g)
         lo, hi = self._bounds(z)
-        q = self.estimator.quantize(levels(g, s, None), lo, hi)
+        q = self.estimator.quantize(unrounded_codes(g, s, None), lo, hi)
         if z is None:
             return self._make_codes(q, x, s, self.grid.lo, self.grid.hi)
         return self._make_codes(q + z, x, s, 0, self.grid.hi, zero=z.expand(q.shape[0], q.shape[1], 1).contiguous())

@@ -26,7 +26,7 @@ import torch
 
 from qat.errors import UserError
 from qat.quantizers.base import LEARNED_EPS, Codes, Quantizer
-from qat.quantizers.fake_quant import fake_quant, levels
+from qat.quantizers.fake_quant import fake_quant, unrounded_codes
 from qat.quantizers.minmax import MinMax
 
 
@@ -69,7 +69,7 @@ class PACT(Quantizer):
 
     def _codes(self, g, x) -> Codes:
         s = self._step()
-        q = self.estimator.quantize(levels(g, s, None), self.grid.lo, self.grid.hi)
+        q = self.estimator.quantize(unrounded_codes(g, s, None), self.grid.lo, self.grid.hi)
         return self._make_codes(q, x, s, self.grid.lo, self.grid.hi)
 
     def extra_repr(self):

@@ -50,7 +50,7 @@ from qat.errors import UserError
 from qat.estimators import STE
 from qat.grid import Grid, check_granularity
 from qat.quantizers.base import LEARNED_EPS, Codes, Quantizer
-from qat.quantizers.fake_quant import fake_quant, levels, to_export_precision
+from qat.quantizers.fake_quant import fake_quant, to_export_precision, unrounded_codes
 
 METHODS = ("absmean", "twn", "seq")
 DEADZONES = (None, "tequila")
@@ -172,7 +172,7 @@ class Ternary(Quantizer):
             q, scale = self.estimator.quantize(v, -1, 1), alpha / SEQ_LEVELS
         else:
             step, scale = self._stats(g)
-            q = self.estimator.quantize(levels(g, step, None), -1, 1)
+            q = self.estimator.quantize(unrounded_codes(g, step, None), -1, 1)
             scale = step if scale is None else scale
         # Per output row of x, whatever the grouping (the same expression as ``bias``).
         bias = self.bias(x.float(), q.reshape(x.shape))

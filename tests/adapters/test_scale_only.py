@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import qat
-from qat.adapters import FrozenCodes, ScaleOnly, ScaleOnlyLinear, load_adapters, merge_adapters_, save_adapters
+from qat.adapters import ScaleOnly, ScaleOnlyLinear, load_adapters, merge_adapters_, save_adapters
 from qat.errors import UserError
-from qat.quantizers import LSQ, MinMax
+from qat.quantizers import LSQ, Frozen, MinMax
 
 
 class Tiny(nn.Module):
@@ -41,7 +41,7 @@ ASYM_RTN = functools.partial(MinMax, bits=3, granularity="group", group_size=16,
 def test_frozen_codes_init_is_round_to_nearest_bitwise():
     w = torch.randn(8, 32)
     rtn = MinMax(bits=4, granularity="group", group_size=16, symmetric=False)
-    fq = FrozenCodes(bits=4, granularity="group", group_size=16, symmetric=False).init_(w)
+    fq = Frozen(train_scale=True, bits=4, granularity="group", group_size=16, symmetric=False).init_(w)
     assert fq.q.dtype == torch.int8 and fq.zero is not None and not isinstance(fq.zero, nn.Parameter)
     assert torch.equal(fq(w), rtn.eval()(w))
     assert torch.equal(fq.codes().codes, rtn.codes(w).codes)
@@ -74,7 +74,7 @@ def test_hand_computed_step_gradient_has_no_ste():
     # dL/ds = sum_i x_i * q_i = 1 - 2 + 0 + 3 = 2 (exact: no rounding between s and W_hat).
     from qat.quantizers.base import Codes
 
-    fq = FrozenCodes(bits=3, granularity="tensor")
+    fq = Frozen(train_scale=True, bits=3, granularity="tensor")
     fq.set_codes_(Codes(codes=torch.tensor([[1, -2, 0, 3]], dtype=torch.int8), scale=torch.tensor([[[0.5]]]), lo=-4, hi=3, bits=3, granularity="tensor"))
     layer = ScaleOnlyLinear(fq)
     x = torch.ones(1, 4)
@@ -151,7 +151,7 @@ def test_save_and_load_round_trip(tmp_path, train_steps):
 def test_bad_input_is_a_clear_error():
     with pytest.raises(UserError, match="run qat.quantize_"):
         ScaleOnly().apply_(Tiny())
-    fq = FrozenCodes(bits=4, granularity="channel").init_(torch.randn(4, 8))
+    fq = Frozen(train_scale=True, bits=4, granularity="channel").init_(torch.randn(4, 8))
     with pytest.raises(ValueError, match=r"shape \(4, 8\)"):
         fq(torch.randn(4, 9))
 
@@ -167,9 +167,9 @@ def test_backward_keeps_no_weight_sized_tensor():
     assert so.weight_quantizer.scale.grad is not None
 
 
-def test_a_fresh_frozen_codes_loads_a_state_dict():
-    src = FrozenCodes(bits=3, granularity="group", group_size=16, symmetric=False).init_(torch.randn(4, 32))
-    fresh = FrozenCodes(bits=3, granularity="group", group_size=16, symmetric=False)
+def test_a_fresh_frozen_loads_a_state_dict():
+    src = Frozen(train_scale=True, bits=3, granularity="group", group_size=16, symmetric=False).init_(torch.randn(4, 32))
+    fresh = Frozen(train_scale=True, bits=3, granularity="group", group_size=16, symmetric=False)
     fresh.load_state_dict(src.state_dict())
     assert torch.equal(fresh(torch.empty(4, 32)), src(torch.empty(4, 32)))
     assert isinstance(fresh.scale, nn.Parameter) and not isinstance(fresh.zero, nn.Parameter)

@@ -19,8 +19,8 @@ from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import qat
-from qat.eval import perplexity
 from qat.lit.module import QATModule
+from qat.metrics import perplexity
 from qat.quantizers import LSQ
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")

@@ -1,21 +1,14 @@
 """Shared by the export format tests: a SmolLM2 with a different grid in each listed block."""
 
 import pytest
-from torch import nn
 
-from qat.nn.linear import QuantLinear
+from qat.convert import quantize_
 
 
 def _quantize_blocks_(model, grids):
-    """Give each listed decoder block's Linear layers their own grid (``quantize_`` refuses a model
-    that is already partly quantized, so the layers are swapped here directly)."""
-    for i, factory in grids.items():
-        block = model.model.layers[i]
-        for name, m in list(block.named_modules()):
-            if type(m) is nn.Linear:
-                parent, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent), child, QuantLinear.from_float(m, factory()))
-    return model
+    """Give each listed decoder block's linear layers their own grid: one ``quantize_`` call with a rule per block."""
+    rules = [(f"model.layers.{i}.*", {"weight": factory}) for i, factory in grids.items()]
+    return quantize_(model, include=[pattern for pattern, _ in rules], rules=rules)
 
 
 @pytest.fixture(scope="session")

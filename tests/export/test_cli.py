@@ -79,7 +79,7 @@ def run_dir(tmp_path):
 
 
 def test_run_directory_to_packed_export(run_dir, capsys):
-    main([str(run_dir)])
+    main([str(run_dir), "--unquantized-dtype", "float32"])  # float32 plain tensors: the logits bitwise
     assert capsys.readouterr().out.strip() == str(run_dir / "export")
     model, _, _ = build_model(load_run_config(run_dir), run_dir / "checkpoints" / "last.ckpt")
     loaded = qat.load_packed(run_dir / "export")

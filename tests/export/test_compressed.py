@@ -12,12 +12,15 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from qat.convert import quantize_
 from qat.errors import UserError
 from qat.export import compressed
+from qat.nn.linear import QuantLinear
 from qat.quantizers import LSQ, MinMax, Ternary
+from qat.quantizers.base import Quantizer
 
 P = functools.partial
 GRIDS = {
@@ -85,8 +88,16 @@ def test_transformers_loads_an_asymmetric_int4_export_bitwise(smollm2, tmp_path)
         assert torch.equal(loaded.get_submodule(name).weight, ours(model, name).dequantize()), name
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     ids = smollm2[1]("The quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
+    with safe_open(str(tmp_path / compressed.FILENAME), "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "F16"  # unquantized tensors in 16 bits
+        assert f.get_slice("model.layers.0.self_attn.q_proj.weight_scale").get_dtype() == "F32"
+    reference = copy.deepcopy(model)  # the fake-quant model with its plain tensors as the file holds them
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+        for m in reference.modules():
+            if not isinstance(m, (QuantLinear, Quantizer)):
+                for p in m.parameters(recurse=False):
+                    p.copy_(p.half().float())
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
 
 
 def test_the_pack_quantized_compressor_decompresses_the_saved_tensors(exported):

@@ -137,13 +137,15 @@ def test_embedding_head_float_tensors_tokenizer_and_metadata(exported, smollm2):
     embed = model.model.embed_tokens
     assert read("token_embd.weight")[0] == "Q4_0"
     assert torch.equal(read("token_embd.weight")[1], embed.weight_quantizer.codes(embed.weight.detach()).dequantize())
-    assert read("output.weight")[0] in ("F32", "F16")  # the tied head multiplies by the latent table
-    assert torch.equal(read("output.weight")[1], embed.weight.detach())
+    # a head that shares the table but not its quantizer multiplies by the latent table, stored in float16
+    assert read("output.weight")[0] == "F16"
+    assert torch.equal(read("output.weight")[1], embed.weight.detach().half().float())
     norm = model.model.layers[9].post_attention_layernorm.weight.detach()
     assert read("blk.9.ffn_norm.weight")[0] == "F32"
     assert torch.equal(read("blk.9.ffn_norm.weight")[1], norm)
     qtype, w = gguf_to_hf(reader, "blk.8.attn_k.weight", "model.layers.8.self_attn.k_proj", model.config)
-    assert torch.equal(w, model.model.layers[8].self_attn.k_proj.weight.detach())  # unquantized layers: permuted back exactly
+    assert qtype == "F16"  # unquantized matrices in the model's 16-bit dtype, permuted back exactly
+    assert torch.equal(w, model.model.layers[8].self_attn.k_proj.weight.detach().half().float())
     fields = reader.fields
     assert fields["general.architecture"].contents() == "llama"
     assert fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
@@ -230,3 +232,41 @@ def test_hf_to_gguf_rows_inverts_transformers_reverse_permute():
         w = np.arange(n_kv * 64 * 3).reshape(n_kv * 64, 3)
         back = LlamaTensorProcessor()._reverse_permute_weights(qgguf.hf_to_gguf_rows(w, n_kv), n_head, n_kv)
         assert np.array_equal(back, w)
+
+
+def test_a_planned_mix_exports_each_tensor_in_its_own_type_bitwise(smollm2, tmp_path):
+    """Issue 18: a plan (qat.plan, Fisher on two calibration blocks) over blocks 0-1 with candidates GGUF holds
+    (ternary per row, int4 g32, int8 g32) becomes rules; the GGUF file has each tensor's own type, values exact."""
+    from qat.plan import make_plan
+
+    model = copy.deepcopy(smollm2[0])
+    names = [f"model.layers.{i}.{p}" for i in (0, 1) for p in PROJ]
+    nodes = {"ternary": {"_target_": "qat.quantizers.Ternary", "_partial_": True, "method": "absmean", "granularity": "channel"},
+             "w4": {"_target_": "qat.quantizers.MinMax", "_partial_": True, "bits": 4, "granularity": "group", "group_size": 32},
+             "w8": {"_target_": "qat.quantizers.MinMax", "_partial_": True, "bits": 8, "granularity": "group", "group_size": 32}}
+    ids = smollm2[1]("def f(x):\n    return [y * 2 for y in x]  # a list comprehension", return_tensors="pt").input_ids
+    plan = make_plan(model, names, nodes, [ids], bits=3.5, method="fisher")
+    assert len({c for _, c, _, _ in plan.chosen()}) > 1, plan.table()  # a real mix
+    from hydra.utils import instantiate
+
+    rules = [(r["pattern"], {"weight": instantiate(r["weight"])}) for r in plan.rules()]
+    quantize_(model, include=["model.layers.0.*", "model.layers.1.*"], rules=rules)
+    qgguf.save(model, smollm2[1], tmp_path)
+    reader = gguf.GGUFReader(tmp_path / qgguf.FILENAME)
+    expected = {"ternary": ("TQ2_0", "Q4_0"), "w4": ("Q4_0",), "w8": ("Q8_0",)}  # ternary rows of 576 fall back to Q4_0
+    for name, cand, _, _ in plan.chosen():
+        i, proj = name.split(".")[2], name.split(".", 3)[3]
+        qtype, w = gguf_to_hf(reader, f"blk.{i}.{PROJ[proj]}.weight", name, model.config)
+        assert qtype in expected[cand], (name, cand, qtype)
+        assert torch.equal(w, ours(model, name).dequantize()), name
+
+
+def test_unquantized_matrices_follow_the_16_bit_dtype_and_vectors_stay_f32():
+    t = torch.randn(4, 32) * 0.1
+    a, raw = qgguf._float_array(t)
+    assert a.dtype == np.float16 and raw is None and torch.equal(torch.from_numpy(a).float(), t.half().float())
+    a, raw = qgguf._float_array(t, torch.bfloat16)
+    assert raw == gguf.GGMLQuantizationType.BF16
+    assert torch.equal(torch.from_numpy(np.array(gguf.quants.dequantize(a, raw))), t.bfloat16().float())
+    assert qgguf._float_array(t[0])[0].dtype == np.float32  # a norm
+    assert qgguf._float_array(t, torch.float32)[0].dtype == np.float32  # not float16 values: kept exactly

@@ -3,7 +3,7 @@
 Slow: needs llama-cpp-python (``pip install 'qat[llamacpp]'``, built from source, several
 minutes). The same held-out blocks as ``qat-eval`` (the first blocks of the shipped corpus, see
 ``qat.lit.data.TextDataModule``) are fed as token ids to both models; perplexity is computed the
-same way from both sets of logits (``qat.eval``: tokens 1..L-1 of each block, no carried context).
+same way from both sets of logits (``qat.metrics``: tokens 1..L-1 of each block, no carried context).
 llama.cpp quantizes activations to 8 bits inside its quantized dot products, hence a tolerance.
 """
 
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from qat.convert import quantize_
 from qat.corpus import shipped_text, token_blocks
-from qat.eval import perplexity
 from qat.export import gguf as qgguf
+from qat.metrics import perplexity
 from qat.quantizers import MinMax, Ternary
 
 pytestmark = pytest.mark.slow

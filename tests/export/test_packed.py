@@ -1,7 +1,9 @@
 """The packed format (qat/export/packed.py) and the export entry point (qat/export/__init__.py).
 
 Exactness: for every weight quantizer and bit width, the weight rebuilt from the packed file equals
-the fake-quantized weight bitwise, and ``load_packed`` reproduces the fake-quant model's logits.
+the fake-quantized weight bitwise, and ``load_packed`` reproduces the fake-quant model's logits (with
+its unquantized tensors rounded to the 16-bit dtype the file stores them in, or exactly with
+``unquantized_dtype="float32"``).
 """
 
 import copy
@@ -42,6 +44,10 @@ TERNARY = {
 CASES = [(f"{n}-w{b}", f(b)) for n, f in QUANTIZERS.items() for b in BITS] + [(f"ternary-{n}", f) for n, f in TERNARY.items()]
 
 
+def _codes(layer):
+    return layer.weight_quantizer.codes(layer.latent_weight())
+
+
 def _trained_layer(factory, seed=0):
     """A QuantLinear whose learned parameters moved away from their init (as training moves them)."""
     gen = torch.Generator().manual_seed(seed)
@@ -60,7 +66,7 @@ def _trained_layer(factory, seed=0):
 @pytest.mark.parametrize("factory", [c[1] for c in CASES], ids=[c[0] for c in CASES])
 def test_packed_weight_equals_fake_quant_bitwise(factory):
     layer = _trained_layer(factory)
-    spec, parts = pack_layer("layer", layer)
+    spec, parts = pack_layer("layer", layer, _codes(layer))
     packed = PackedLinear(spec, parts, layer.bias.detach())
     w_hat, _ = layer.quantized_weight()
     assert torch.equal(packed.dequantized_weight(), w_hat.detach())
@@ -75,14 +81,14 @@ def test_packed_weight_equals_fake_quant_bitwise(factory):
 
 def test_layout_metadata_and_ternary_layouts():
     layer = _trained_layer(TERNARY["absmean"])
-    spec, parts = pack_layer("l", layer)
+    spec, parts = pack_layer("l", layer, _codes(layer))
     assert spec["layout"] == "base3" and spec["bits"] == 2 and parts["qweight"].numel() == -(-24 * 48 // 5)
     assert spec["padding"] == 5 * parts["qweight"].numel() - 24 * 48
-    spec4, parts4 = pack_layer("l", layer, ternary_layout="bits")
+    spec4, parts4 = pack_layer("l", layer, _codes(layer), ternary_layout="bits")
     assert spec4["layout"] == "bits" and parts4["qweight"].numel() == 24 * 48 // 4
     assert torch.equal(PackedLinear(spec4, parts4).dequantized_weight(), PackedLinear(spec, parts).dequantized_weight())
     layer3 = _trained_layer(QUANTIZERS["lsq"](3))
-    spec3, parts3 = pack_layer("l", layer3)
+    spec3, parts3 = pack_layer("l", layer3, _codes(layer3))
     assert (spec3["bits"], spec3["lo"], spec3["hi"], spec3["group_size"]) == (3, -4, 3, 16)
     assert parts3["qweight"].numel() == 24 * 48 * 3 // 8
 
@@ -91,9 +97,8 @@ def test_scales_that_float16_cannot_hold_are_refused():
     layer = _trained_layer(QUANTIZERS["lsq"](4))
     codes = layer.weight_quantizer.codes(layer.latent_weight())
     codes.scale = codes.scale + 1e-7  # what a quantizer training in float32 would export
-    layer.weight_quantizer.codes = lambda w: codes
     with pytest.raises(UserError, match="not float16 values"):
-        pack_layer("l", layer)
+        pack_layer("l", layer, codes)
 
 
 # -- whole models -----------------------------------------------------------------------------------
@@ -118,19 +123,98 @@ def _quantized(model, weight, embedding=None, include=("model.layers.*",)):
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 11, 4]])
 
 
-def test_tiny_llama_round_trip_with_quantized_embedding(tiny_llama, tmp_path):
+def _as_stored(model, out):
+    """A copy of ``model`` whose tensors stored as plain tensors in ``out`` are rounded to their stored dtype."""
+    from safetensors import safe_open
+
+    from qat.export.packed import _SAFETENSORS_DTYPES
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        stored = {k: _SAFETENSORS_DTYPES[f.get_slice(k).get_dtype()] for k in f.keys()}
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for key, t in model.state_dict().items():
+            if key in stored and t.is_floating_point():
+                t.copy_(t.to(stored[key]).to(t.dtype))
+    return model
+
+
+def test_tiny_llama_round_trip_with_quantized_embedding_and_tied_head(tiny_llama, tmp_path):
     model = _quantized(tiny_llama, TERNARY["tequila"], embedding=functools.partial(MinMax, bits=4, granularity="channel"))
+    assert model.lm_head.weight_quantizer is model.model.embed_tokens.weight_quantizer  # one table, one set of codes
     out = export_(model, tmp_path / "exp")
     meta = json.loads((out / "quant_config.json").read_text())
     assert meta["format"] == "packed" and meta["architecture"] == "LlamaForCausalLM"
     assert meta["layers"]["model.embed_tokens"]["kind"] == "embedding"
+    assert meta["layers"]["lm_head"] == {"kind": "linear", "tied_to": "model.embed_tokens"}
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith("lm_head") for k in f.keys())  # the codes once, under the embedding
     loaded = load_packed(out)
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, PackedLinear)
     assert isinstance(loaded.model.embed_tokens, PackedEmbedding)
-    # the tied head keeps the float table, as in the fake-quant model (only the embedding lookup is quantized)
-    assert torch.equal(loaded.lm_head.weight, tiny_llama.lm_head.weight)
+    assert isinstance(loaded.lm_head, PackedLinear) and loaded.lm_head.qweight is loaded.model.embed_tokens.qweight
+    w_hat = model.model.embed_tokens.weight_quantizer(model.model.embed_tokens.weight)
+    assert torch.equal(loaded.lm_head.dequantized_weight(), w_hat) and torch.equal(loaded.model.embed_tokens.dequantized_weight(), w_hat)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, _as_stored(model, out)(IDS).logits)
+    assert size_report(out)["quantized_weights"] == sum(
+        m.weight.numel() for n, m in qat.quantized_layers(model) if n != "lm_head")  # the tied table counted once
+
+
+def test_an_excluded_tied_head_multiplies_by_the_float_table(tiny_llama, tmp_path):
+    model = copy.deepcopy(tiny_llama)
+    quantize_(model, weight=TERNARY["absmean"], embedding=functools.partial(MinMax, bits=8, granularity="channel"),
+              include=["model.layers.*"], exclude=["lm_head"])
+    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens).__name__ == "QuantEmbedding"
+    out = export_(model.eval(), tmp_path / "exp", unquantized_dtype="float32")
+    loaded = load_packed(out)
+    assert torch.equal(loaded.lm_head.weight, tiny_llama.lm_head.weight)  # stored on its own, as it was
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
+def test_unquantized_tensors_are_stored_in_16_bits_and_load_back_in_the_working_dtype(tiny_llama, tmp_path):
+    from safetensors import safe_open
+
+    model = _quantized(tiny_llama, QUANTIZERS["lsq"](4))
+    sizes = {}
+    for choice, expected in [("auto", "F16"), ("bfloat16", "BF16"), ("float32", "F32")]:
+        out = export_(model, tmp_path / choice, unquantized_dtype=choice)
+        meta = json.loads((out / "quant_config.json").read_text())
+        assert meta["dtype"] == "float32" and meta["unquantized_dtype"] == {"auto": "float16"}.get(choice, choice)
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        plain = {k: v for k, v in dtypes.items() if not k.endswith(("qweight", "scales", "zeros", "offsets", "extra_bias"))}
+        assert "model.embed_tokens.weight" in plain and "lm_head.weight" not in dtypes  # the tied table once
+        assert set(plain.values()) == {expected}, plain
+        assert {v for k, v in dtypes.items() if k.endswith("scales")} == {"F16"}  # quantized tensors: unchanged
+        loaded = load_packed(out)
+        assert loaded.dtype == torch.float32 and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        stored = model.model.embed_tokens.weight.to(getattr(torch, meta["unquantized_dtype"])).float()
+        assert torch.equal(loaded.model.embed_tokens.weight, stored)
+        for name, layer in qat.quantized_layers(model):
+            assert torch.equal(loaded.get_submodule(name).dequantized_weight(), layer.quantized_weight()[0]), name
+        with torch.no_grad():
+            assert torch.equal(loaded(IDS).logits, _as_stored(model, out)(IDS).logits)
+        sizes[choice] = size_report(out)
+    # the table is 96 x 64: 2 bytes a value saved per float16 value (norms too), codes and scales unchanged
+    plain32 = sizes["float32"]["unquantized_bytes"]
+    assert sizes["auto"]["unquantized_bytes"] == sizes["bfloat16"]["unquantized_bytes"] == plain32 // 2
+    assert sizes["float32"]["file_bytes"] - sizes["auto"]["file_bytes"] == plain32 // 2
+    assert sizes["auto"]["bits_per_weight"] == sizes["float32"]["bits_per_weight"]
+    with pytest.raises(UserError, match="unquantized_dtype must be one of"):
+        export_(model, tmp_path / "bad", unquantized_dtype="int8")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_bfloat16_model_keeps_bfloat16(tiny_llama, tmp_path):
+    model = _quantized(tiny_llama, QUANTIZERS["lsq"](4)).to(torch.bfloat16)
+    out = export_(model, tmp_path / "bf16")
+    meta = json.loads((out / "quant_config.json").read_text())
+    assert meta["dtype"] == meta["unquantized_dtype"] == "bfloat16"
+    assert load_packed(out).dtype == torch.bfloat16
 
 
 def test_export_leaves_the_model_unchanged(tiny_llama, tmp_path):
@@ -173,8 +257,8 @@ def test_interrupted_export_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     model = _quantized(tiny_llama, QUANTIZERS["lsq"](4))
     real = packed.save
 
-    def crash(model, tokenizer, tmp_dir):
-        real(model, tokenizer, tmp_dir)  # the weights are written ...
+    def crash(model, tokenizer, tmp_dir, **options):
+        real(model, tokenizer, tmp_dir, **options)  # the weights are written ...
         assert (tmp_dir / "model.safetensors").exists()
         raise KeyboardInterrupt  # ... then the export is killed before it completes
 
@@ -207,7 +291,7 @@ def _smollm2_check(smollm2, tmp_path, weight):
     out = export_(model, tmp_path / "exp", tokenizer=tok)
     loaded = load_packed(out)
     with torch.no_grad():
-        diff = (loaded(SMOLLM2_IDS).logits - model(SMOLLM2_IDS).logits).abs().max().item()
+        diff = (loaded(SMOLLM2_IDS).logits - _as_stored(model, out)(SMOLLM2_IDS).logits).abs().max().item()
     report = size_report(out)
     print(f"max |logit diff| {diff:.3g}, size {report}")
     assert diff <= 1e-5
@@ -230,6 +314,27 @@ def test_smollm2_ternary_tequila_logits_and_size(smollm2, tmp_path):
     assert report["bits_per_weight"] < 1.6 + 16 / 64 + 32 / 576
 
 
+@pytest.mark.slow
+def test_smollm2_main_recipe_export_is_at_most_0_35_of_float16(smollm2, tmp_path):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from qat.config import config_dir
+
+    node = OmegaConf.load(config_dir() / "quant" / "ternary_seq_g64.yaml")  # the main recipe's quant config
+    assert node.embedding is None  # the table stays float, stored in float16
+    model = quantize_(copy.deepcopy(smollm2[0]), weight=instantiate(node.weight), include=list(node.include)).eval()
+    out = export_(model, tmp_path / "exp")
+    fp16_bytes = 2 * sum(p.numel() for p in smollm2[0].parameters())  # the tied table once, as save_pretrained stores it
+    report = size_report(out)
+    print(report, report["file_bytes"] / fp16_bytes)
+    assert report["unquantized_bytes"] == 2 * (49152 * 576 + 61 * 576)  # the table and 61 norms, in float16
+    assert report["file_bytes"] <= 0.35 * fp16_bytes
+    loaded = load_packed(out)
+    for name, layer in qat.quantized_layers(model):
+        assert torch.equal(loaded.get_submodule(name).dequantized_weight(), layer.quantized_weight()[0]), name
+
+
 def test_activation_quantization_is_dropped_with_a_record(tiny_llama, tmp_path):
     from qat.quantizers import PACT
 
@@ -241,4 +346,4 @@ def test_activation_quantization_is_dropped_with_a_record(tiny_llama, tmp_path):
     for _, layer in qat.quantized_layers(model):
         layer.act_quantizer.enabled = False  # the packed model is the weight-only model
     with torch.no_grad():
-        assert torch.equal(load_packed(out)(IDS).logits, model(IDS).logits)
+        assert torch.equal(load_packed(out)(IDS).logits, _as_stored(model, out)(IDS).logits)

@@ -410,7 +410,7 @@ def test_sentence_bad_input(minilm, smollm2, tmp_path):
 
 @pytest.mark.slow
 def test_fp_smollm2_perplexity_on_the_default_heldout_split(smollm2, tmp_path):
-    from qat.eval import perplexity
+    from qat.metrics import perplexity
 
     model, tok = smollm2
     dm = TextDataModule(tok, cache_dir=tmp_path)  # the defaults: seq_len 256, 20480 held-out tokens

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qat.estimators import DSQ, EWGS, STE, AdditiveNoise, ClippedSTE, StochasticRounding, hard_round
-from qat.quantizers.fake_quant import fake_quant, levels, reduce_to, scale_grad
+from qat.quantizers.fake_quant import fake_quant, reduce_to, scale_grad, unrounded_codes
 
 ROWS, GROUPS, G = 3, 2, 8
 LO, HI = -4, 3  # 3-bit signed: plenty of clipping on both sides
@@ -81,7 +81,7 @@ ESTIMATORS = [
 
 def _inputs(dtype, tensor_bounds, with_beta, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    # float32-representable values: levels() computes u from x in float32 (see its docstring)
+    # float32-representable values: unrounded_codes() computes u from x in float32 (see its docstring)
     x = (torch.randn(ROWS, GROUPS, G, generator=gen) * 1.5).to(dtype)
     # float16-representable s and beta: the kernel uses them at export precision (test below)
     s = (0.2 + 0.3 * torch.rand(ROWS, GROUPS, 1, generator=gen)).half().to(dtype)
@@ -240,7 +240,7 @@ def test_dsq_path_uses_autograd_and_grad_scale():
         out = fake_quant(leaves[0], leaves[1], lo, hi, est, beta=leaves[2], grad_scale=g)
         out.backward(grad)
         res[g] = [t.grad for t in leaves] + [est.alpha.grad.clone()]
-    u = levels(x, s, beta)
+    u = unrounded_codes(x, s, beta)
     expected = est.quantize(u, lo, hi).detach() * s + beta
     assert torch.allclose(out.detach(), expected)
     assert torch.equal(res[1.0][0], res[0.5][0])
@@ -303,9 +303,9 @@ def test_bf16_input_keeps_dtype():
     assert s.grad.dtype == torch.float32
 
 
-def test_levels_in_float32():
+def test_unrounded_codes_in_float32():
     x = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
-    u = levels(x, torch.tensor(0.3), torch.tensor(0.1))
+    u = unrounded_codes(x, torch.tensor(0.3), torch.tensor(0.1))
     assert u.dtype == torch.float32
     # s and beta at export precision: float16-rounded
     s16, b16 = torch.tensor(0.3).half().float(), torch.tensor(0.1).half().float()

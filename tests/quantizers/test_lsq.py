@@ -149,9 +149,9 @@ def test_output_on_the_grid(config):
     out = q(w).detach().double()
     s = q.scale.half().double()  # the forward's step and offset: float16-rounded
     beta = q.offset.half().double() if q.use_offset else 0.0
-    levels = (q._view(out) - beta) / s
-    assert torch.allclose(levels, levels.round(), rtol=0, atol=1e-4)
-    assert levels.round().min() >= q.grid.lo and levels.round().max() <= q.grid.hi
+    u = (q._view(out) - beta) / s
+    assert torch.allclose(u, u.round(), rtol=0, atol=1e-4)
+    assert u.round().min() >= q.grid.lo and u.round().max() <= q.grid.hi
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)

@@ -176,9 +176,9 @@ def test_symmetric_grid():
     assert torch.equal(z, torch.full_like(z, 3.0))
     c = q.codes(w)
     assert c.codes.min() >= 0 and c.codes.max() <= 7
-    levels = (q(w) / f16(h.reshape(4, 1))).detach()
-    assert torch.allclose(levels, levels.round(), atol=1e-4)
-    assert levels.round().min() >= -3 and levels.round().max() <= 4
+    u = (q(w) / f16(h.reshape(4, 1))).detach()
+    assert torch.allclose(u, u.round(), atol=1e-4)
+    assert u.round().min() >= -3 and u.round().max() <= 4
 
 
 def test_all_zero_weights_use_the_step_floor():

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from qat.eval import gap_recovered
+from qat.metrics import gap_recovered
 
 
 def test_perplexity_gap_is_measured_on_the_log_scale():

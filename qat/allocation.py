@@ -1,0 +1,117 @@
+"""Bit allocation: one quantization setting per layer that minimises the summed sensitivity under a budget.
+
+Each layer ``l`` may take one of the candidate settings ``c`` (ternary, 2, 3, 4, 8 bits, ...); taking
+``c`` costs ``bits[l][c]`` storage bits and adds ``sens[l][c]`` to the loss (``qat.sensitivity``).
+The plan minimises ``sum_l sens[l][c_l]`` subject to ``sum_l bits[l][c_l] <= B * sum_l n_l``, with
+``B`` the budget in average bits per weight and ``n_l`` the layer's weights: a multiple-choice
+knapsack (SliM-LLM, ModelOpt's ``auto_quantize`` and HAWQ-V3 solve the same problem; HAWQ-V3 with an
+integer program). It is solved exactly by dynamic programming over the budget::
+
+    best[0][b] = 0;   best[l+1][b] = min_c best[l][b - bits[l][c]] + sens[l][c]
+
+with every cost divided by the greatest common divisor of all costs (``gcd``), so the table has
+``B * sum n / gcd`` columns: layers of a transformer share a few shapes and their sizes share large
+factors, which keeps it small (SmolLM2-135M: about 10^5 columns). The table is one float64 row per
+layer and one int8 choice per (layer, column), so the memory is ``layers x columns`` bytes.
+
+Storage is counted as the packed export stores it (``qat.export.packed``): the codes at their
+packed width (``ceil(log2(levels))`` bits; ternary five codes per byte, 1.6 bits), and every scale,
+zero point and offset in float16 (16 bits), Tequila's folded bias in float32 (32 bits).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from qat.errors import UserError
+
+SCALE_BITS = 16  # scales, zero points and offsets are stored in float16
+BIAS_BITS = 32  # Tequila's folded dead-zone bias, float32
+
+
+def code_bits(lo: int, hi: int) -> float:
+    """Storage bits of one code on the grid ``[lo, hi]``: 1.6 for ternary (base 3), else ``ceil(log2(levels))``.
+
+    >>> code_bits(-1, 1), code_bits(-8, 7), code_bits(0, 3), code_bits(-4, 3)
+    (1.6, 4, 2, 3)
+    """
+    levels = hi - lo + 1
+    return 1.6 if levels == 3 else max(1, math.ceil(math.log2(levels)))
+
+
+def storage_bits(codes) -> int:
+    """Storage bits of one quantized tensor (a :class:`qat.quantizers.base.Codes`): codes and their parameters.
+
+    ``ceil(code_bits * n) + 16 * (scales + zero points + offsets) + 32 * bias entries``.
+    """
+    bits = math.ceil(code_bits(codes.lo, codes.hi) * codes.codes.numel())
+    for extra in (codes.scale, codes.zero, codes.offset):
+        if extra is not None:
+            bits += SCALE_BITS * extra.numel()
+    if codes.bias is not None:
+        bits += BIAS_BITS * codes.bias.numel()
+    return bits
+
+
+def allocate(bits: Sequence[Sequence[int]], sens: Sequence[Sequence[float]], budget: int) -> list[int]:
+    """The choice per layer that minimises ``sum sens[l][c]`` with ``sum bits[l][c] <= budget`` (exact).
+
+    Args:
+        bits: per layer, the integer storage bits of each candidate.
+        sens: per layer, the sensitivity of each candidate (same shape as ``bits``); lower is better.
+        budget: the total storage bits allowed.
+
+    Returns:
+        One candidate index per layer. Among plans of equal sensitivity, the one found first
+        (candidates in the order given) is kept.
+
+    Raises:
+        UserError: the budget is below the cheapest plan (the message gives its average), or the
+            shapes of ``bits`` and ``sens`` differ.
+
+    Example:
+        >>> allocate([[2, 4], [2, 4]], [[5.0, 1.0], [3.0, 0.0]], budget=6)   # one layer at 4 bits
+        [1, 0]
+    """
+    if len(bits) != len(sens) or any(len(b) != len(s) or not b for b, s in zip(bits, sens)):
+        raise UserError("allocate: bits and sens need the same number of layers and of candidates per layer (at least one)")
+    cheapest = sum(min(b) for b in bits)
+    if budget < cheapest:
+        raise UserError(f"the budget of {budget} bits is below the cheapest plan ({cheapest} bits): raise the budget or add a "
+                        "cheaper candidate")
+    unit = math.gcd(*(int(c) for b in bits for c in b)) or 1
+    costs = [[int(c) // unit for c in b] for b in bits]
+    cap = budget // unit
+    best = np.full(cap + 1, np.inf)
+    best[0] = 0.0
+    choice = np.zeros((len(costs), cap + 1), dtype=np.int16)
+    for layer, (cost, s) in enumerate(zip(costs, sens)):
+        new = np.full(cap + 1, np.inf)
+        for c, (k, v) in enumerate(zip(cost, s)):
+            if k > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[k:] = best[: cap + 1 - k] + float(v)
+            better = cand < new
+            new[better] = cand[better]
+            choice[layer][better] = c
+        best = new
+    col = int(np.argmin(best))  # the lowest total sensitivity over every spend within the budget
+    plan = []
+    for layer in range(len(costs) - 1, -1, -1):
+        c = int(choice[layer][col])
+        plan.append(c)
+        col -= costs[layer][c]
+    return plan[::-1]
+
+
+def average_bits(bits: Sequence[Sequence[int]], plan: Sequence[int], weights: Sequence[int]) -> float:
+    """Average storage bits per weight of ``plan``: ``sum bits[l][plan[l]] / sum weights``.
+
+    >>> average_bits([[150, 300]], [0], [64])   # 64 weights at 2 bits + a 16-bit scale and zero point
+    2.34375
+    """
+    return sum(b[c] for b, c in zip(bits, plan)) / sum(weights)

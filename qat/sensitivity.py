@@ -1,0 +1,151 @@
+"""How much each layer's quantization costs the model: the input of the bit allocation (``qat.allocation``).
+
+For every layer ``l`` and candidate setting ``c`` (a quantizer factory), two estimates on the same
+calibration batches ``x`` (token ids; the model is a causal LM):
+
+* **KL, measured** (the "layer alone" measurement of SliM-LLM, HAWQ's and ModelOpt's
+  ``auto_quantize`` ablations): the weight of layer ``l`` alone is replaced by its quantized value
+  ``Q_c(W_l)`` (the quantizer initialised on the weight, eval forward: round-to-nearest on the
+  quantizer's start), every other layer stays float, and ::
+
+      s_KL[l][c] = mean over predicted tokens of KL(p_FP(. | x) || p_lc(. | x))
+
+  One forward pass per (layer, candidate, batch); the FP logits are computed once.
+* **Fisher, estimated** (HAWQ-V2 / OBS's second-order term with the empirical Fisher as the
+  Hessian's diagonal): one backward pass per batch on the FP model's causal-LM loss gives
+  ``F = sum over batches of g^2`` per weight, and ::
+
+      s_F[l][c] = 1/2 * sum_i F_i * (Q_c(W_l)_i - W_l,i)^2
+
+  No forward pass per candidate: a few backward passes for the whole table.
+
+Both are additive estimates: the plan sums them over layers as if layers did not interact, the
+assumption every one of these allocators makes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.errors import UserError
+from qat.quantizers.base import Quantizer
+
+Factory = Callable[[], Quantizer]
+
+
+def quantized_weight(weight: torch.Tensor, factory: Factory) -> tuple[torch.Tensor, Quantizer]:
+    """``Q(W)``: a fresh quantizer from ``factory`` initialised on ``weight``, its eval forward; and the quantizer.
+
+    A transformers ``Conv1D`` weight is passed transposed by the caller (``(out, in)`` as nn.Linear).
+    """
+    q = factory()
+    q.init_(weight)
+    q.eval()
+    with torch.no_grad():
+        return q(weight).to(weight.dtype), q
+
+
+def layers_of(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Linear]:
+    """The named ``nn.Linear`` layers of ``model``; a name that is not one is a user's mistake, named here."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name in names:
+        m = modules.get(name)
+        if not isinstance(m, nn.Linear):
+            raise UserError(f"{name!r} is not an nn.Linear of the model (sensitivity is measured on linear layers)")
+        out[name] = m
+    return out
+
+
+def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+
+
+@torch.no_grad()
+def kl_sensitivity(model: nn.Module, names: Sequence[str], candidates: Mapping[str, Factory],
+                   batches: Iterable[torch.Tensor]) -> dict[str, dict[str, float]]:
+    """``s_KL[layer][candidate]``: mean token KL from the FP model when that layer alone is quantized.
+
+    Args:
+        model: a float causal LM (``model(input_ids=...).logits``), left unchanged.
+        names: the linear layers to measure.
+        candidates: candidate name -> quantizer factory.
+        batches: calibration token ids, each ``(batch, seq)``.
+
+    Returns:
+        ``{layer: {candidate: KL}}`` (nats per predicted token, averaged over the batches).
+
+    Example:
+        >>> # kl_sensitivity(model, ["model.layers.0.mlp.down_proj"], {"w2": partial(MinMax, bits=2)}, [ids])
+    """
+    layers = layers_of(model, names)
+    batches = list(batches)
+    if not batches:
+        raise UserError("kl_sensitivity needs at least one calibration batch")
+    was_training = model.training
+    model.eval()
+    reference = [_log_probs(model, ids) for ids in batches]
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for name, layer in layers.items():
+            original = layer.weight.data
+            out[name] = {}
+            for cand, factory in candidates.items():
+                layer.weight.data = quantized_weight(original, factory)[0]
+                try:
+                    kl = [F.kl_div(_log_probs(model, ids), ref, log_target=True, reduction="sum").item() / ref[..., 0].numel()
+                          for ids, ref in zip(batches, reference)]
+                finally:
+                    layer.weight.data = original
+                out[name][cand] = sum(kl) / len(kl)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def fisher_sensitivity(model: nn.Module, names: Sequence[str], candidates: Mapping[str, Factory],
+                       batches: Iterable[torch.Tensor]) -> dict[str, dict[str, float]]:
+    """``s_F[layer][candidate] = 1/2 sum F (Q(W) - W)^2``, ``F`` the empirical Fisher diagonal of the causal-LM loss.
+
+    One forward and backward pass per batch on the FP model (its gradients are left as they were);
+    then one quantization per (layer, candidate).
+
+    Returns:
+        ``{layer: {candidate: estimate}}`` (nats, the second-order term of the loss increase).
+    """
+    layers = layers_of(model, names)
+    batches = list(batches)
+    if not batches:
+        raise UserError("fisher_sensitivity needs at least one calibration batch")
+    fisher = {name: torch.zeros_like(layer.weight, dtype=torch.float32) for name, layer in layers.items()}
+    params = [p for p in model.parameters()]
+    saved = [(p.requires_grad, p.grad) for p in params]
+    was_training = model.training
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        for layer in layers.values():
+            layer.weight.requires_grad_(True)
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids).loss
+            grads = torch.autograd.grad(loss, [layer.weight for layer in layers.values()])
+            for name, g in zip(layers, grads):
+                fisher[name] += g.float().square()
+    finally:
+        for p, (req, grad) in zip(params, saved):
+            p.requires_grad_(req)
+            p.grad = grad
+        model.train(was_training)
+    out: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            w = layer.weight.float()
+            out[name] = {cand: 0.5 * float((fisher[name] * (quantized_weight(layer.weight, f)[0].float() - w).square()).sum())
+                         for cand, f in candidates.items()}
+    return out

@@ -99,6 +99,9 @@ class Frozen(Quantizer):
 
     def set_codes_(self, codes: Codes) -> Frozen:
         """Freeze ``codes``; scale, zero and offset become buffers (or Parameters, as trained)."""
+        if codes.table is not None:  # FP4/FP8 codes index a value table: (q - z) * s would misread them
+            raise UserError(f"{codes.format} codes cannot be frozen yet (Frozen holds integer codes): "
+                            "scale-only tuning and re-export of FP formats are not supported")
         if codes.bias is not None and (self.train_scale or self.train_zero):
             raise UserError("codes with a per-row bias (Tequila) cannot be tuned scale-only: the bias depends on the latent weight; "
                             "use adapter=lora or adapter=l4q, or a quantizer without the folded bias")

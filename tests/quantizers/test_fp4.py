@@ -285,3 +285,11 @@ def test_quant_stats_count_saturated_values_as_clipped():
     stats, codes = layer_stats(layer)
     assert stats["clip_frac"] == 2 / 16 and stats["step"] == 0.5 and stats["zero_frac"] == 8 / 16
     assert codes.dtype == torch.uint8
+
+
+def test_frozen_refuses_fp_codes():
+    from qat.quantizers import Frozen
+
+    w = _w(10) * 0.05
+    with pytest.raises(UserError, match="nvfp4 codes cannot be frozen"):
+        Frozen(FP4("nvfp4").init_(w).codes(w))

@@ -36,9 +36,21 @@ magnitude's index in (0, 0.5, 1, 1.5, 2, 3, 4, 6), which is also its E2M1 bit pa
 * NVFP4 (NVIDIA, "Introducing NVFP4", 2025; the layout vLLM and ModelOpt use): blocks of 16, an E4M3
   scale per block and an FP32 scale per tensor::
 
-      s_tensor = amax(tensor) / (6 * 448)
+      s_tensor = 2^ceil(log2(amax(tensor) / (6 * 448)))                a power of two
       s_block  = E4M3(amax(block) / 6 / s_tensor)                      stored as an E4M3 byte
       x_hat    = E2M1(x / (s_block * s_tensor)) * (s_block * s_tensor)
+
+  The tensor scale is NVIDIA's ``amax / (6 * 448)`` rounded *up* to a power of two. Why: the
+  formats that store NVFP4 keep its inverse, and compute in other dtypes than we do.
+  compressed-tensors (what vLLM loads) stores ``global_scale = 1 / s_tensor`` and decompresses
+  ``E2M1 * (E4M3 / global_scale)`` in float32 and then casts to bfloat16; with a power of two both
+  the inverse and the division are exact, and ``E2M1 * E4M3 * 2^k`` has at most 2 + 4 significant
+  bits, so it is the same number in float32 and bfloat16: the decompressed weight equals our
+  forward bitwise (``qat.export.compressed``). With NVIDIA's exact ``amax / 2688`` neither holds
+  (the product has 24 significant bits that bfloat16 rounds away). The cost: the largest block
+  scale lands in (224, 448] instead of at 448, so a block loses at most one binade of E4M3's
+  range at the bottom (blocks 2^-6 * 224 ~ 1/300 of the tensor's maximum and smaller use E4M3's
+  subnormals one binade earlier); the elements' precision is the same.
 
   With min/max statistics ``amax(block) <= amax(tensor)``, so ``s_block <= 448``: no overflow; a
   learned or static scale above 448 saturates to 448 and its block's values then saturate to
@@ -157,13 +169,17 @@ E4M3_MIN = 2.0**-9  # smallest positive E4M3 value (a subnormal)
 
 # -- NVFP4: E4M3 block scales under an FP32 tensor scale ------------------------------------------
 def nvfp4_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
-    """``amax / (6 * 448)``, floored at 2^-126 (an all-zero tensor).
+    """``2^ceil(log2(amax / (6 * 448)))``, in ``[2^-126, 2^127]`` (2^-126: an all-zero tensor).
 
-    Example:
-        >>> nvfp4_tensor_scale(torch.tensor(2688.0))
-        tensor(1.)
+    A power of two, so that exports storing its inverse decompress exactly (module docstring).
+
+    Example (10 / 2688 = 0.00372 lies in (2^-9, 2^-8]):
+        >>> nvfp4_tensor_scale(torch.tensor([2688.0, 10.0, 0.0])).tolist() == [1.0, 2.0**-8, 2.0**-126]
+        True
     """
-    return (amax.float() / (E2M1.max * E4M3.max)).clamp_min(FP32_TINY)
+    s = (amax.float() / (E2M1.max * E4M3.max)).clamp(FP32_TINY, 2.0**127)
+    m, e = torch.frexp(s)  # s = m * 2^e, m in [0.5, 1): ceil(log2 s) = e, or e - 1 when s is a power of two
+    return torch.ldexp(torch.ones_like(s), torch.where(m == 0.5, e - 1, e))
 
 
 def e4m3_scale(s: torch.Tensor) -> torch.Tensor:

@@ -66,12 +66,15 @@ def test_format_constants():
 
 
 def test_e4m3_block_scale_by_hand():
-    # tensor amax 10: s_t = 10 / 2688; a block of amax 2: 2 / 6 / s_t = 89.6, between 88 and 96 (spacing 8) -> 88
+    # tensor amax 10: 10 / 2688 = 0.00372 rounds up to s_t = 2^-8; a block of amax 2: 2 / 6 * 256 = 85.33,
+    # between 80 and 88 (spacing 8) -> 88
     s_t = nvfp4_tensor_scale(torch.tensor(10.0))
-    assert s_t.item() == pytest.approx(10 / 2688)
+    assert s_t.item() == 2.0**-8
     assert nvfp4_block_scale(torch.tensor(2.0), s_t).item() == 88.0
     assert torch.tensor(88.0).to(torch.float8_e4m3fn).view(torch.uint8).item() == 0x6B  # 1.375 * 2^6: 0 1101 011
-    assert nvfp4_block_scale(torch.tensor(10.0), s_t).item() == 448.0  # the tensor's own amax block: 0x7E
+    # the tensor's own amax block: 10 / 6 * 256 = 426.67, between 416 and 448 (spacing 32) -> 416 (0x7D)
+    assert nvfp4_block_scale(torch.tensor(10.0), s_t).item() == 416.0
+    assert nvfp4_tensor_scale(torch.tensor(2688.0 * 2.0**-5)).item() == 2.0**-5  # already a power of two: kept
 
 
 def test_e4m3_scale_saturates_and_never_reaches_zero():

@@ -3,7 +3,9 @@
 Formats (their math, specifications and corner cases are in ``qat.fp_formats``):
 
 * ``"nvfp4"``: blocks of 16 along the last axis, an E4M3 scale per block, an FP32 tensor scale
-  ``s_t = amax / (6 * 448)``; the block's scale is ``S = E4M3(s_block / s_t) * s_t``.
+  ``s_t = 2^ceil(log2(amax / (6 * 448)))`` (NVIDIA's ``amax / 2688`` rounded up to a power of two,
+  so that compressed-tensors' ``E2M1 * (E4M3 / global_scale)`` decompresses it exactly: see
+  ``qat.fp_formats``); the block's scale is ``S = E4M3(s_block / s_t) * s_t``.
 * ``"mxfp4"`` (OCP MX v1.0): blocks of 32, an E8M0 (power-of-two) scale per block, no tensor scale.
 
 Forward, per block (``qat.quantizers.fp_quant``)::

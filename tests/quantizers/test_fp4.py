@@ -97,20 +97,21 @@ def test_dual_lsq_codes_follow_the_pre_scale_and_values_the_post_scale():
 
 
 def test_nvfp4_minmax_scales_by_hand():
-    # block (0, 0): amax 10 -> 10 / 6 / s_t = 448 (0x7E); block (1, 0): amax 2 -> 89.6 -> 88 (0x6B); row 2: all zero
+    # s_t: 10 / 2688 = 0.00372 rounded up to 2^-8; block (0, 0): amax 10 -> 10 / 6 * 256 = 426.67 -> 416 (0x7D);
+    # block (1, 0): amax 2 -> 85.33 -> 88 (0x6B); row 2: all zero
     w = torch.zeros(3, 16)
     w[0, 0] = 10.0
     w[1, :3] = torch.tensor([2.0, 1.0, -0.5])
     q = FP4("nvfp4").init_(w).eval()
     c = q.codes(w)
-    s_t = 10 / 2688
-    assert c.tensor_scale.item() == pytest.approx(s_t)
-    assert c.scale_codes.flatten().tolist() == [0x7E, 0x6B, 0x01]  # the all-zero block: E4M3's smallest scale, 2^-9
-    S = 88 * c.tensor_scale.item()
-    # 2 / S = 6.11 saturates to 6 (the E4M3 scale rounded down); 1 / S = 3.05 -> 3; -0.5 / S = -1.53 -> -1.5
+    assert c.tensor_scale.item() == 2.0**-8
+    assert c.scale_codes.flatten().tolist() == [0x7D, 0x6B, 0x01]  # the all-zero block: E4M3's smallest scale, 2^-9
+    S = 88 * 2.0**-8
+    # 2 / S = 5.82 -> 6; 1 / S = 2.91 -> 3; -0.5 / S = -1.45 -> -1.5 (all exact: S is 11 * 2^-5)
     assert c.codes[1, :3].tolist() == [7, 5, 8 + 3]
-    assert q(w)[1, :3].tolist() == pytest.approx([6 * S, 3 * S, -1.5 * S], rel=1e-6)
-    assert c.codes[0, 0].item() == 7 and q(w)[0, 0].item() == pytest.approx(10.0, rel=1e-6)
+    assert q(w)[1, :3].tolist() == [6 * S, 3 * S, -1.5 * S]
+    # 10 / (416 / 256) = 6.15 saturates to 6 (the E4M3 scale rounded down): 6 * 1.625 = 9.75
+    assert c.codes[0, 0].item() == 7 and q(w)[0, 0].item() == 9.75
     assert torch.equal(q(w)[2], torch.zeros(16)) and (c.codes[2] == 0).all()
 
 

@@ -7,11 +7,16 @@ each with ``save(model, tokenizer, tmp_dir) -> dict`` (metadata for ``quant_conf
 ========================  ==========================  =============================================
 format                    module                      what it writes
 ========================  ==========================  =============================================
-``packed``                ``qat.export.packed``       bit-packed codes, float16 scales; ``load_packed``
+``packed``                ``qat.export.packed``       bit-packed codes, float16 scales (FP grids: their
+                                                      scale codes); ``load_packed``. Every grid.
 ``hf``                    ``qat.export.hf``           dense 16-bit ``save_pretrained`` directory
-``gguf``                  ``qat.export.gguf``         a GGUF file for llama.cpp
-``compressed-tensors``    ``qat.export.compressed``   compressed-tensors "pack-quantized" (vLLM)
+``gguf``                  ``qat.export.gguf``         a GGUF file for llama.cpp: symmetric int grids,
+                                                      ternary, MXFP4 (not NVFP4, not FP8)
+``compressed-tensors``    ``qat.export.compressed``   compressed-tensors (vLLM): "pack-quantized" int
+                                                      grids, "nvfp4-" / "mxfp4-pack-quantized" (not FP8)
 ========================  ==========================  =============================================
+
+A format refuses (``UserError``, naming the layer and what would fit) a grid it cannot hold exactly.
 
 An export is atomic: it is written to a temporary sibling directory that is renamed to ``out_dir``
 only once complete, so an interrupted export leaves nothing behind.
@@ -111,12 +116,6 @@ def _check(model: nn.Module, out_dir: Path, format: str, overwrite: bool):
         raise UserError(
             f"{len(cold)} weight quantizer(s) are not initialised (e.g. {cold[0]!r}): run a forward pass, "
             "call quantizer.init_(weight), or load the trained checkpoint's state dict before exporting"
-        )
-    fp = [n for n, m in layers if getattr(m.weight_quantizer, "format", None) is not None]
-    if fp and format != "hf":  # their codes index a table of FP values: the integer writers would misread them
-        raise UserError(
-            f"{len(fp)} layer(s) (e.g. {fp[0]!r}) quantize to a floating-point format (FP4/FP8), which the {format!r} "
-            "export does not write yet: use format='hf' (dense weights), or export.enabled=false"
         )
     if out_dir.exists() and not overwrite:
         raise UserError(f"export directory {out_dir} already exists: pick another one or pass overwrite=True")

@@ -8,13 +8,21 @@ An export directory holds::
                            NAME.zeros       integer zero points (rows, n_groups), narrowest exact dtype
                            NAME.offsets     float16 offsets (LSQ+), (rows, n_groups)
                            NAME.extra_bias  float32 (out,), Tequila's folded dead-zone bias
+                         floating-point grids (``qat.fp_formats``; the codes index the format's
+                         value table instead of ``(c - z) * s``):
+                           NAME.qweight      the E2M1 (4-bit) or FP8 (8-bit) codes, packed as above
+                           NAME.scale_codes  uint8 (rows, n_groups): FP4's block scales as stored,
+                                             NVFP4 E4M3 bytes, MXFP4 E8M0 biased exponents
+                           NAME.tensor_scale float32 (1,): NVFP4's tensor scale (a power of two)
+                           NAME.scales       float32 (rows, 1): FP8's per-tensor/channel scales
                            NAME.bias        the layer's own bias, as it was
                          every other tensor of the model's state dict (tied copies once), floating
                          point ones in ``unquantized_dtype`` (the model's 16-bit dtype by default)
     quant_config.json    format, architecture, dtype (the working dtype ``load_packed`` restores),
                          unquantized_dtype and, per layer: kind, shape, bits (field width),
                          grid_bits, lo, hi, granularity, group_size, layout, padding (unused bits
-                         at the end of the packed stream; unused trits for base3), zero, dtype;
+                         at the end of the packed stream; unused trits for base3), zero, dtype,
+                         format (``nvfp4``, ``mxfp4``, ``fp8_e4m3``, ``fp8_e5m2``; None for integer grids);
                          a head tied to a quantized embedding: kind linear, tied_to (the
                          embedding's name), no tensors of its own
     config.json, tokenizer files
@@ -25,6 +33,10 @@ scales and offsets to float16 (``qat.quantizers.fake_quant.to_export_precision``
 them in float16 loses nothing and the rebuilt weight equals the fake-quantized weight bitwise;
 ``save`` checks this rather than assuming it. Ternary codes use the base-3 layout (1.6 bits per
 weight) by default; other grids use ``ceil(log2(levels))``-bit fields.
+
+Floating-point grids are rebuilt as ``table[c] * S`` (``Codes.dequantize``), with ``S`` from the
+stored scale codes: NVFP4 ``E4M3(scale_codes) * tensor_scale``, MXFP4 ``2^(scale_codes - 127)``,
+FP8 the float32 ``scales``: the products the forward multiplies by, so again bitwise (checked).
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from qat.convert import iter_codes, quantized_layers
 from qat.errors import UserError
 from qat.export.pack import pack, packed_numel, unpack
 from qat.export.precision import cast, storage_dtype
+from qat.fp_formats import E2M1, E4M3, E5M2
 from qat.nn.embedding import QuantEmbedding
 from qat.nn.linear import QuantLinear
 from qat.quantizers.base import Codes, int_dtype
@@ -51,7 +64,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 QUANT_CONFIG = "quant_config.json"
-_PARTS = ("qweight", "scales", "zeros", "offsets", "extra_bias")
+_PARTS = ("qweight", "scales", "zeros", "offsets", "extra_bias", "scale_codes", "tensor_scale")
+_ELEMENTS = {"nvfp4": E2M1, "mxfp4": E2M1, "fp8_e4m3": E4M3, "fp8_e5m2": E5M2}  # Codes.format -> element format
 _EMBEDDING_ATTRS = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 
 
@@ -139,9 +153,14 @@ def pack_layer(name: str, layer: QuantLinear | QuantEmbedding, codes: Codes, ter
         "layout": layout,
         "padding": 5 * n_bytes - numel if layout == "base3" else 8 * n_bytes - bits * numel,
         "zero": None,
+        "format": codes.format,
     }
     if embedding:
         spec.update({a: getattr(layer, a) for a in _EMBEDDING_ATTRS})
+    if not embedding and getattr(layer, "act_quantizer", None) is not None:
+        spec["activation_dropped"] = True  # the packed format is weight-only
+    if codes.format is not None:
+        return spec, _fp_parts(name, codes, pack(codes.codes, bits, codes.lo, layout))
     parts = {"qweight": pack(codes.codes, bits, codes.lo, layout), "scales": _float16(codes.scale, name, "scales")}
     if codes.zero is not None:
         parts["zeros"] = _narrowest_exact(codes.zero.squeeze(-1))
@@ -150,10 +169,33 @@ def pack_layer(name: str, layer: QuantLinear | QuantEmbedding, codes: Codes, ter
         parts["offsets"] = _float16(codes.offset, name, "offsets")
     if codes.bias is not None:
         parts["extra_bias"] = codes.bias.detach().float().contiguous()
-    if not embedding and getattr(layer, "act_quantizer", None) is not None:
-        spec["activation_dropped"] = True  # the packed format is weight-only
     return spec, parts
 
+
+def _fp_parts(name: str, codes: Codes, qweight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The stored tensors of a floating-point grid, checked to rebuild ``codes.scale`` bitwise."""
+    if codes.format not in _ELEMENTS:
+        raise UserError(f"{name}: the packed format does not know the floating-point format {codes.format!r}")
+    if codes.scale_codes is not None:  # FP4: the block scales as their format stores them
+        parts = {"qweight": qweight, "scale_codes": codes.scale_codes.squeeze(-1).to(torch.uint8).contiguous()}
+        if codes.tensor_scale is not None:
+            parts["tensor_scale"] = codes.tensor_scale.detach().float().reshape(1).contiguous()
+    else:  # FP8: float32 scales (amax / 448 is no float16 value)
+        parts = {"qweight": qweight, "scales": codes.scale.detach().float().squeeze(-1).contiguous()}
+    if not torch.equal(_fp_scale(codes.format, parts), codes.scale.float()):
+        raise UserError(f"{name}: the {codes.format} scales do not rebuild from their stored codes; the quantizer's codes() "
+                        "must return scale = decode(scale_codes) (* tensor_scale), as qat's FP4 does")
+    return parts
+
+
+def _fp_scale(format: str, parts: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """The float32 scale ``(rows, n_groups, 1)`` the forward multiplied by, from the stored tensors."""
+    sc = parts.get("scale_codes")
+    if sc is None:
+        return parts["scales"].float().unsqueeze(-1)
+    if format == "mxfp4":
+        return sc.view(torch.float8_e8m0fnu).float().unsqueeze(-1)
+    return sc.view(torch.float8_e4m3fn).float().unsqueeze(-1) * parts["tensor_scale"].float()
 
 def _float16(t: torch.Tensor, name: str, what: str) -> torch.Tensor:
     half = t.squeeze(-1).half().contiguous()
@@ -211,6 +253,15 @@ class _PackedWeight(nn.Module):
         """The layer's integer codes and parameters, as the quantizer's ``codes()`` returned them."""
         sp = self.spec
         c = unpack(self.qweight, sp["bits"], sp["lo"], self.shape.numel(), sp["layout"])
+        fmt = sp.get("format")
+        if fmt is not None:
+            parts = {p: getattr(self, p) for p in ("scales", "scale_codes", "tensor_scale")}
+            return Codes(
+                codes=c.reshape(self.shape).to(torch.uint8), scale=_fp_scale(fmt, parts), lo=sp["lo"], hi=sp["hi"],
+                bits=sp["grid_bits"], granularity=sp["granularity"], group_size=sp["group_size"],
+                table=_ELEMENTS[fmt].table(c.device), format=fmt, scale_codes=None if parts["scale_codes"] is None else parts["scale_codes"].unsqueeze(-1),
+                tensor_scale=parts["tensor_scale"],
+            )
         return Codes(
             codes=c.reshape(self.shape).to(int_dtype(sp["lo"], sp["hi"])),
             scale=self.scales.float().unsqueeze(-1),
@@ -392,7 +443,8 @@ def size_report(path: str | Path) -> dict:
     """Sizes of a packed export against the theoretical size of its grids.
 
     ``theoretical = sum(grid_bits * n / 8) + 2 bytes per scale, zero point and offset + the extra
-    bias (float32) + every unquantized tensor as stored``, with ``grid_bits`` the grid's information
+    bias (float32) + FP grids' scales as their format stores them (FP4 scale codes 1 byte, NVFP4's
+    tensor scale and FP8's scales 4) + every unquantized tensor as stored``, with ``grid_bits`` the grid's information
     (log2(3) for ternary). ``bits_per_weight`` counts the codes, scales, zeros, offsets and extra bias
     of the quantized layers per quantized weight.
 
@@ -422,7 +474,7 @@ def size_report(path: str | Path) -> dict:
             if f"{name}.{part}" in sizes:
                 n, itemsize = sizes.pop(f"{name}.{part}")
                 layer_bytes += n * itemsize
-                ideal += 0 if part == "qweight" else n * (4 if part == "extra_bias" else 2)
+                ideal += 0 if part == "qweight" else n * (2 if part in ("scales", "zeros", "offsets") and not spec.get("format") else itemsize)
     plain = sum(n * itemsize for n, itemsize in sizes.values())
     file_bytes = file.stat().st_size
     return {

@@ -20,7 +20,7 @@ from qat.errors import UserError
 from qat.export import export_, load_packed
 from qat.export.packed import PackedEmbedding, PackedLinear, pack_layer, size_report
 from qat.nn.linear import QuantLinear
-from qat.quantizers import LSQ, LWC, MinMax, Ternary
+from qat.quantizers import FP4, FP8, LSQ, LWC, MinMax, Ternary
 
 BITS = [2, 3, 4, 8]
 
@@ -347,3 +347,79 @@ def test_activation_quantization_is_dropped_with_a_record(tiny_llama, tmp_path):
         layer.act_quantizer.enabled = False  # the packed model is the weight-only model
     with torch.no_grad():
         assert torch.equal(load_packed(out)(IDS).logits, _as_stored(model, out)(IDS).logits)
+
+
+# -- floating-point grids (FP4, FP8): codes index the format's value table ------------------------
+
+FP_CASES = {
+    "nvfp4-minmax": functools.partial(FP4, "nvfp4"),
+    "nvfp4-lsq": functools.partial(FP4, "nvfp4", scale="lsq"),
+    "nvfp4-dual_lsq": functools.partial(FP4, "nvfp4", scale="dual_lsq"),
+    "mxfp4-minmax": functools.partial(FP4, "mxfp4"),
+    "mxfp4-lsq": functools.partial(FP4, "mxfp4", scale="lsq"),
+    "fp8-e4m3-channel": functools.partial(FP8, "e4m3", granularity="channel"),
+    "fp8-e5m2-tensor": functools.partial(FP8, "e5m2", granularity="tensor"),
+}
+
+
+def _fp_layer(factory, seed=0):
+    """A QuantLinear on an FP grid (64 inputs: two MXFP4 blocks) with an all-zero row and a saturated block."""
+    gen = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(64, 24)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(24, 64, generator=gen) * 0.05)
+        lin.weight[3] = 0.0  # all-zero blocks
+    layer = QuantLinear.from_float(lin, factory())
+    with torch.no_grad():
+        for p in layer.weight_quantizer.parameters():
+            p.mul_(1 + 0.2 * torch.rand(p.shape, generator=gen))  # learned scales moved off min-max
+        if any(True for _ in layer.weight_quantizer.parameters()):
+            next(layer.weight_quantizer.parameters())[5].mul_(0.1)  # row 5: scales far too small, its values saturate
+    return layer.eval()
+
+
+@pytest.mark.parametrize("factory", list(FP_CASES.values()), ids=list(FP_CASES))
+def test_fp_grids_pack_and_rebuild_bitwise(factory):
+    layer = _fp_layer(factory)
+    codes = _codes(layer)
+    spec, parts = pack_layer("layer", layer, codes)
+    packed = PackedLinear(spec, parts, layer.bias.detach())
+    w_hat, _ = layer.quantized_weight()
+    assert torch.equal(packed.dequantized_weight(), w_hat.detach())
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(packed(x), layer(x).detach())
+    assert torch.equal(packed.codes().codes, codes.codes)
+    assert spec["format"] == codes.format and spec["bits"] == codes.bits
+    if codes.format in ("nvfp4", "mxfp4"):
+        assert set(parts) == {"qweight", "scale_codes"} | ({"tensor_scale"} if codes.format == "nvfp4" else set())
+        assert parts["qweight"].numel() == 24 * 64 // 2 and parts["scale_codes"].dtype == torch.uint8
+        assert torch.equal(parts["scale_codes"], codes.scale_codes.squeeze(-1))
+    else:
+        assert set(parts) == {"qweight", "scales"} and parts["scales"].dtype == torch.float32
+    assert (packed.dequantized_weight()[3] == 0).all()
+
+
+def test_fp4_saturated_block_is_stored_at_plus_minus_six():
+    layer = _fp_layer(FP_CASES["nvfp4-lsq"])
+    codes = _codes(layer)
+    row = codes.codes[5]
+    assert ((row & 7) == 7).float().mean() > 0.5  # most of the row at the largest magnitude, 6
+    spec, parts = pack_layer("layer", layer, codes)
+    assert torch.equal(PackedLinear(spec, parts).dequantized_weight()[5], layer.quantized_weight()[0][5])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_smollm2_fp4_load_packed_reproduces_the_logits_bitwise(smollm2, tmp_path, quantize_blocks, fmt):
+    model = quantize_blocks(copy.deepcopy(smollm2[0]), {0: functools.partial(FP4, fmt, scale="lsq"), 1: functools.partial(FP4, fmt)})
+    model.eval()
+    out = export_(model, tmp_path / "exp", tokenizer=smollm2[1], unquantized_dtype="float32")
+    meta = json.loads((out / "quant_config.json").read_text())
+    assert meta["layers"]["model.layers.0.mlp.down_proj"]["format"] == fmt
+    loaded = load_packed(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(SMOLLM2_IDS).logits, model(SMOLLM2_IDS).logits)
+    report = size_report(out)
+    block = 16 if fmt == "nvfp4" else 32
+    assert report["bits_per_weight"] == pytest.approx(4 + 8 / block, abs=1e-3)  # codes + 1-byte scale codes (+ 1 tensor scale)
+    assert report["ratio"] <= 1.0001

@@ -1,6 +1,6 @@
 """GGUF export: a llama-architecture model as one ``model.gguf`` file that llama.cpp runs.
 
-Every quantized layer is written from its integer codes and scales (``Quantizer.codes``), never
+Every quantized layer is written from its codes and scales (``Quantizer.codes``), never
 re-quantized, into the ggml block type that holds that grid exactly (ggml-quants.c layouts):
 
 =========  ========  ==========================================  ===================================
@@ -11,6 +11,8 @@ Q4_0       32        fp16 d, 16 bytes: element j in the low       d * (n - 8),  
 Q8_0       32        fp16 d, 32 int8                              d * n,        n in -128..127
 TQ2_0      256       64 bytes of 2-bit n + 1, fp16 d              d * n,        n in {-1, 0, 1}
 TQ1_0      256       48 + 4 bytes of base-3 trits, fp16 d         d * n,        n in {-1, 0, 1}
+MXFP4      32        1 byte E8M0 e, 16 bytes: element j in the     (2^(e-127) / 2) * (2 * E2M1[n]),
+                     low nibble of byte j, j + 16 in the high      n in 0..15 (bit 3 the sign)
 =========  ========  ==========================================  ===================================
 
 Our symmetric codes ``q`` with a float16-exact scale ``s`` map as ``n = q + 8, d = s`` (Q4_0) or
@@ -23,6 +25,15 @@ in TQ2_0 (2.06 bits per weight) or TQ1_0 (1.69) where 256-blocks fit, else Q4_0 
 group of 64 is two Q4_0 blocks sharing ``d``); 2- to 4-bit symmetric codes in Q4_0; 5- to 8-bit
 in Q8_0. Grids no ggml type holds exactly are refused: zero points (asymmetric), LSQ+ offsets,
 scales that change inside a block, scales that are not float16 values.
+
+MXFP4 (``qat.quantizers.FP4("mxfp4")``) maps one to one: our block is ggml's block of 32, our E8M0
+scale code (biased exponent ``e``) is its scale byte, our sign-magnitude E2M1 code its nibble.
+ggml (``ggml_e8m0_to_fp32_half``, ``kvalues_mxfp4``; gguf-py's ``quants.MXFP4``) multiplies half
+the scale by doubled E2M1 values: both factors are exact powers of two times small integers, so
+the float32 product is ours, ``E2M1[n] * 2^(e-127)``, bitwise (also for ``e = 0``, where the half
+scale 2^-128 is a float32 subnormal). The one difference is the sign of zero: code 8 (-0) reads
+back as +0. Refused: NVFP4, whose FP32 tensor scale GGUF's NVFP4 type has no place for (gguf-py's
+``quants.NVFP4`` decodes ``E4M3 * E2M1`` only), and FP8 (no ggml type).
 
 Layout conventions (llama.cpp ``convert_hf_to_gguf.py``, ``LlamaModel``): tensor names come from
 gguf-py's ``TensorNameMap``; the rows of ``q_proj`` and ``k_proj`` are permuted back to the GGUF
@@ -73,6 +84,7 @@ _FILE_TYPE = {
     T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
     T.TQ1_0: gguf.LlamaFileType.MOSTLY_TQ1_0,
     T.TQ2_0: gguf.LlamaFileType.MOSTLY_TQ2_0,
+    T.MXFP4: gguf.LlamaFileType.MOSTLY_MXFP4_MOE,  # llama.cpp's only MXFP4 file type (a label; every tensor keeps its own type)
 }
 _BLOCK = {qt: gguf.GGML_QUANT_SIZES[qt][0] for qt in _FILE_TYPE}
 
@@ -97,6 +109,8 @@ def ggml_type(codes: Codes, in_features: int, ternary: str = "TQ2_0", name: str 
     """
     if ternary not in TERNARY_TYPES:
         raise UserError(f"ternary={ternary!r} is not one of {TERNARY_TYPES}")
+    if codes.format is not None:
+        return _fp_type(codes, in_features, name)
     if codes.zero is not None:
         raise UserError(f"{name}: an asymmetric grid (zero point) has no exact GGUF type; {FITS}")
     if codes.offset is not None:
@@ -123,6 +137,26 @@ def ggml_type(codes: Codes, in_features: int, ternary: str = "TQ2_0", name: str 
         f"{name}: the scale changes inside a 32-weight ggml block "
         f"(granularity={codes.granularity!r}, group_size={codes.group_size}); {FITS}"
     )
+
+
+def _fp_type(codes: Codes, in_features: int, name: str) -> T:
+    if codes.format == "mxfp4" and codes.group_size == _BLOCK[T.MXFP4] and in_features % _BLOCK[T.MXFP4] == 0:
+        return T.MXFP4
+    if codes.format == "nvfp4":
+        raise UserError(
+            f"{name}: NVFP4 has an FP32 tensor scale that GGUF's NVFP4 type does not store (its blocks decode to "
+            "E4M3 * E2M1 alone); export NVFP4 as format=compressed-tensors (vLLM) or packed, or train with "
+            "quant.weight.format=mxfp4 for llama.cpp"
+        )
+    raise UserError(f"{name}: GGUF (ggml) has no type for {codes.format} codes: export them as format=packed or hf")
+
+
+def pack_mxfp4(q: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """MXFP4 blocks from E2M1 codes ``q`` in 0..15 ``(out, in)`` and E8M0 scale bytes ``e`` ``(out, in // 32)``."""
+    out, in_features = q.shape
+    n = q.astype(np.uint8).reshape(out, in_features // 32, 2, 16)
+    qs = n[:, :, 0, :] | (n[:, :, 1, :] << np.uint8(4))
+    return np.concatenate([e.astype(np.uint8).reshape(out, -1, 1), qs], axis=-1).reshape(out, -1)
 
 
 def _constant_per_block(codes: Codes, in_features: int, block: int) -> bool:
@@ -185,6 +219,9 @@ def encode(codes: Codes, shape: tuple[int, int], qtype: T, permute_heads: int | 
     """
     block = _BLOCK[qtype]
     q = codes.codes.reshape(shape).cpu().numpy()
+    if qtype == T.MXFP4:  # the stored scale codes, not float16 scales
+        d = codes.scale_codes.reshape(shape[0], -1).cpu().numpy()
+        return pack_mxfp4(*((hf_to_gguf_rows(q, permute_heads), hf_to_gguf_rows(d, permute_heads)) if permute_heads else (q, d)))
     d = block_scales(codes, shape, block)
     if permute_heads:
         q, d = hf_to_gguf_rows(q, permute_heads), hf_to_gguf_rows(d, permute_heads)

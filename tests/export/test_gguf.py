@@ -18,7 +18,7 @@ from qat.convert import quantize_
 from qat.errors import UserError
 from qat.export import gguf as qgguf
 from qat.nn.embedding import QuantEmbedding
-from qat.quantizers import LSQ, MinMax, Ternary
+from qat.quantizers import FP4, FP8, LSQ, MinMax, Ternary
 
 P = functools.partial
 GRIDS = {  # block index -> weight quantizer
@@ -29,6 +29,8 @@ GRIDS = {  # block index -> weight quantizer
     4: P(Ternary, "absmean", granularity="channel"),
     5: P(Ternary, "absmean", granularity="channel", deadzone="tequila"),
     6: P(LSQ, bits=3, granularity="channel"),
+    10: P(FP4, "mxfp4", scale="lsq"),  # its learned E8M0 scales moved off min-max by the fixture
+    11: P(FP4, "mxfp4"),
 }
 PROJ = {  # HF module -> GGUF tensor
     "self_attn.q_proj": "attn_q",
@@ -45,6 +47,11 @@ PROJ = {  # HF module -> GGUF tensor
 def exported(smollm2, tmp_path_factory, quantize_blocks):
     """(model, GGUFReader, save's report) for one mixed-grid SmolLM2 export (ternary as TQ2_0)."""
     model = quantize_blocks(copy.deepcopy(smollm2[0]), GRIDS)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # "train" block 10's MXFP4 scales: some round to another power of two
+        for m in model.model.layers[10].modules():
+            if isinstance(m, FP4):
+                m.scale.mul_(2 ** (torch.rand(m.scale.shape, generator=gen) - 0.5))
     # A quantized embedding table: token_embd becomes Q4_0 and the tied head keeps the latent table.
     table = MinMax(bits=4, granularity="group", group_size=32)
     model.model.embed_tokens = QuantEmbedding.from_float(model.model.embed_tokens, table)
@@ -90,6 +97,12 @@ def test_int8_g32_is_q8_0_bitwise(exported):
 def test_ternary_g64_is_q4_0_bitwise(exported):
     model, reader, _ = exported
     check_block(model, reader, 3, lambda proj: "Q4_0")
+
+
+@pytest.mark.parametrize("block", [10, 11])
+def test_mxfp4_is_ggml_mxfp4_bitwise(exported, block):
+    model, reader, _ = exported
+    check_block(model, reader, block, lambda proj: "MXFP4")
 
 
 def test_ternary_per_channel_uses_tq2_0_where_rows_split_into_256_blocks(exported):
@@ -270,3 +283,58 @@ def test_unquantized_matrices_follow_the_16_bit_dtype_and_vectors_stay_f32():
     assert torch.equal(torch.from_numpy(np.array(gguf.quants.dequantize(a, raw))), t.bfloat16().float())
     assert qgguf._float_array(t[0])[0].dtype == np.float32  # a norm
     assert qgguf._float_array(t, torch.float32)[0].dtype == np.float32  # not float16 values: kept exactly
+
+
+def _mxfp4_by_hand():
+    """A (4, 64) weight: an all-zero block, a block worked by hand, a saturated block, a block below 2^-125."""
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.05
+    w[0, :32] = 0.0
+    w[0, 32:] = 0.0
+    w[0, 32:36] = torch.tensor([5.0, -2.5, 1.25, 0.3])  # amax 5: scale 2^0 (byte 127); 5 -> 4, -2.5 -> -2, 1.25 -> 1, 0.3 -> 0.5
+    w[0, 48] = -0.1  # -> -0.0: code 8
+    w[2, 32:] = torch.linspace(-1e-38, 1e-38, 32)  # e clamped to -127 (byte 0): ggml's half scale 2^-128 is subnormal
+    q = FP4("mxfp4", scale="lsq").init_(w)
+    with torch.no_grad():
+        q.scale[1, 0] /= 8  # row 1, block 0: scale 8x too small, its values saturate to +-6
+    return w, q.eval()
+
+
+def test_mxfp4_blocks_by_hand_against_gguf_dequantize():
+    w, q = _mxfp4_by_hand()
+    codes = q.codes(w)
+    raw = qgguf.encode(codes, (4, 64), qgguf.ggml_type(codes, 64))
+    assert raw.shape == (4, 2 * 17) and raw.dtype == np.uint8
+    assert raw[0, :17].tolist() == [0] * 17  # all-zero block: e = -127 (byte 0), codes 0
+    # block (0, 1): scale byte 127; byte j holds element j (low nibble) and j + 16 (high): codes 6, 12, 2, 1 and 8 at 16
+    assert raw[0, 17] == 127 and raw[0, 18:22].tolist() == [6 | 8 << 4, 12, 2, 1]
+    assert ((codes.codes[1, :32] & 7) == 7).sum() > 16  # the saturated block: mostly +-6
+    # 1e-38 = 1.70 * 2^-127 -> 1.5 * 2^-127; the levels 0.5 * 2^-127 = 2^-128 and 2^-127 are float32 subnormals
+    tiny = set(codes.dequantize()[2, 32:].abs().tolist())
+    assert raw[2, 17] == 0 and tiny == {0.0, 2.0**-128, 2.0**-127, 1.5 * 2.0**-127}
+    back = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.MXFP4))
+    assert torch.equal(back, codes.dequantize()) and torch.equal(back, q(w))
+    assert back[0, 48].item() == 0.0 and not torch.signbit(back[0, 48])  # -0 reads back as +0 (equal values)
+
+
+def test_mxfp4_minmax_blocks_are_the_bytes_gguf_py_quantizes():
+    # gguf-py's own MXFP4 quantizer, given our fake-quant values (on the grid already), finds the same
+    # exponent and codes (its -0 is +0): the two layouts agree byte for byte
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(1)) * 0.05
+    w[3, :32] = 0.0
+    w[4, :32] *= 100  # large values: a bigger exponent
+    q = FP4("mxfp4").init_(w).eval()
+    codes = q.codes(w)
+    codes.codes = torch.where(codes.codes == 8, 0, codes.codes).to(torch.uint8)
+    ours_ = qgguf.encode(codes, (8, 128), gguf.GGMLQuantizationType.MXFP4)
+    theirs = gguf.quants.quantize(q(w).numpy(), gguf.GGMLQuantizationType.MXFP4)
+    assert np.array_equal(ours_, theirs)
+
+
+@pytest.mark.parametrize(
+    "factory, match",
+    [(P(FP4, "nvfp4"), "NVFP4 has an FP32 tensor scale"), (P(FP8, "e4m3"), "no type for fp8_e4m3")],
+)
+def test_fp_grids_without_a_ggml_type_are_refused(factory, match):
+    w = torch.randn(8, 64)
+    with pytest.raises(UserError, match=match):
+        qgguf.ggml_type(factory().init_(w).codes(w), 64, name="blk")

@@ -19,7 +19,7 @@ from qat.convert import quantize_
 from qat.errors import UserError
 from qat.export import compressed
 from qat.nn.linear import QuantLinear
-from qat.quantizers import LSQ, MinMax, Ternary
+from qat.quantizers import FP4, FP8, LSQ, MinMax, Ternary
 from qat.quantizers.base import Quantizer
 
 P = functools.partial
@@ -134,5 +134,176 @@ def test_save_refuses_a_model_without_quantized_layers(smollm2, tmp_path):
     weight = P(LSQ, bits=4, granularity="group", group_size=32, offset=True, symmetric=False)
     model = quantize_(copy.deepcopy(smollm2[0]), weight=weight, include="model.layers.0.*")
     with pytest.raises(UserError, match="model.layers.0.self_attn.q_proj: an LSQ\\+ offset"):
+        compressed.save(model, smollm2[1], tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- floating-point grids: nvfp4- / mxfp4-pack-quantized, float-quantized (FP8) -----------------------
+
+FP_GRIDS = {
+    0: P(FP4, "nvfp4", scale="lsq"),  # learned E4M3 scales, moved off min-max by the fixture
+    1: P(FP4, "nvfp4"),
+    2: P(FP4, "mxfp4", scale="dual_lsq"),
+    3: P(FP4, "mxfp4"),
+    4: P(FP8, "e4m3", granularity="channel"),
+    5: P(MinMax, bits=4, granularity="group", group_size=32),  # and an integer grid: a mixed-precision file
+}
+FP_FORMATS = {0: "nvfp4-pack-quantized", 1: "nvfp4-pack-quantized", 2: "mxfp4-pack-quantized", 3: "mxfp4-pack-quantized",
+              4: "float-quantized", 5: "pack-quantized"}
+
+
+def _move_learned_scales_(model, blocks, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i in blocks:
+            for m in model.model.layers[i].modules():
+                if isinstance(m, FP4):
+                    for p in m.parameters():
+                        p.mul_(2 ** (torch.rand(p.shape, generator=gen) - 0.5))
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported_fp(smollm2, tmp_path_factory, quantize_blocks):
+    model = _move_learned_scales_(quantize_blocks(copy.deepcopy(smollm2[0]), FP_GRIDS), (0, 2)).eval()
+    out = tmp_path_factory.mktemp("ct_fp")
+    info = compressed.save(model, smollm2[1], out)
+    return model, out, info
+
+
+def _schemes(out):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    return QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+
+
+def test_fp_export_is_mixed_precision_with_each_layer_in_its_scheme(exported_fp):
+    model, out, info = exported_fp
+    qc = _schemes(out)
+    assert qc.format == "mixed-precision"
+    seen = {}
+    for scheme in qc.config_groups.values():
+        for target in scheme.targets:
+            seen[target] = scheme.format
+            w = scheme.weights
+            if scheme.format.startswith(("nvfp4", "mxfp4")):
+                assert (w.num_bits, w.type, w.group_size) == (4, "float", 16 if scheme.format.startswith("nv") else 32)
+    names = [f"model.layers.{i}.{p}" for i in FP_GRIDS for p in ("self_attn.q_proj", "mlp.down_proj")]
+    assert {n: seen[n] for n in names} == {n: FP_FORMATS[int(n.split(".")[2])] for n in names}
+    state = load_file(out / compressed.FILENAME)
+    name = "model.layers.0.mlp.down_proj"  # (576, 1536)
+    assert state[f"{name}.weight_packed"].dtype == torch.uint8 and state[f"{name}.weight_packed"].shape == (576, 768)
+    assert state[f"{name}.weight_scale"].dtype == torch.float8_e4m3fn and state[f"{name}.weight_scale"].shape == (576, 96)
+    g = state[f"{name}.weight_global_scale"]
+    assert g.dtype == torch.float32 and g.shape == (1,) and torch.frexp(g)[0].item() == 0.5  # 1 / s_tensor, a power of two
+    assert state["model.layers.2.mlp.down_proj.weight_scale"].dtype == torch.uint8  # E8M0 exponents
+    assert state["model.layers.4.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
+
+
+def test_the_fp_compressors_decompress_the_saved_tensors_bitwise(exported_fp):
+    model, out, _ = exported_fp
+    state = load_file(out / compressed.FILENAME)
+    checked = 0
+    for scheme in _schemes(out).config_groups.values():
+        for name in scheme.targets:
+            local = {k.removeprefix(name + "."): v for k, v in state.items() if k.startswith(name + ".")}
+            w = compressed.decompressor(scheme.format).decompress(local, scheme)["weight"]
+            layer = model.get_submodule(name)
+            assert torch.equal(w.float(), ours(model, name).dequantize()), name
+            assert torch.equal(w.float(), layer.quantized_weight()[0]), name  # the eval forward's weight
+            checked += 1
+    assert checked == 7 * len(FP_GRIDS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_transformers_and_model_compressor_load_an_fp4_export_bitwise(smollm2, tmp_path, quantize_blocks, fmt):
+    # the user's path: transformers' compressed-tensors integration, ModelCompressor.decompress_model inside
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    model = quantize_blocks(copy.deepcopy(smollm2[0]), {0: P(FP4, fmt, scale="lsq"), 1: P(FP4, fmt, scale="lsq")})
+    _move_learned_scales_(model, (0, 1), seed=1)
+    compressed.save(model, smollm2[1], tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["format"] == f"{fmt}-pack-quantized"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=CompressedTensorsConfig(dequantize=True))
+    for i in (0, 1):
+        for proj in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.down_proj"):
+            name = f"model.layers.{i}.{proj}"
+            assert torch.equal(loaded.get_submodule(name).weight.float(), ours(model, name).dequantize()), name
+
+
+def _round_trip(codes, shape):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**compressed.weight_args(codes)))
+    state = compressed._compress_fp("layer", codes, shape, scheme)
+    return state, compressed.decompressor(compressed.compression_format(codes)).decompress(dict(state), scheme)["weight"]
+
+
+def test_nvfp4_by_hand_all_zero_and_saturated_blocks():
+    w = torch.zeros(3, 32)
+    w[0, :4] = torch.tensor([10.0, 2.0, -1.0, 0.0])  # s_t = 2^-8 (10 / 2688 rounded up); scale 10/6*256 -> 416 (0x7D)
+    w[1, :16] = torch.linspace(-0.5, 0.5, 16)  # row 1, block 0: its learned scale made 8x too small below
+    q = FP4("nvfp4", scale="lsq").init_(w)
+    with torch.no_grad():
+        q.scale[1, 0] /= 8
+    codes = q.eval().codes(w)
+    state, back = _round_trip(codes, (3, 32))
+    assert state["weight_global_scale"].item() == 256.0
+    assert state["weight_scale"].view(torch.uint8)[0].tolist() == [0x7D, 0x01]  # block (0, 1) all zero: E4M3's 2^-9
+    # 10 / 1.625 = 6.15 -> 6 (code 7); 2 / 1.625 = 1.23 -> 1 (2); -1 / 1.625 = -0.62 -> -0.5 (8 | 1): low nibble first
+    assert state["weight_packed"][0, :2].tolist() == [7 | 2 << 4, 9 | 0 << 4]
+    assert back.dtype == torch.bfloat16 and back[0, :3].float().tolist() == [9.75, 1.625, -0.8125]
+    assert ((codes.codes[1, :16] & 7) == 7).sum() >= 8  # saturated: +-6 at both ends
+    assert torch.equal(back.float(), q(w)) and (back[2] == 0).all()
+
+
+def test_mxfp4_by_hand_all_zero_and_saturated_blocks():
+    w = torch.zeros(2, 64)
+    w[0, 32:36] = torch.tensor([5.0, -2.5, 1.25, 0.3])  # scale 2^0 (byte 127): 4, -2, 1, 0.5
+    w[1, :32] = torch.linspace(-1.0, 1.0, 32)
+    q = FP4("mxfp4", scale="lsq").init_(w)
+    with torch.no_grad():
+        q.scale[1, 0] /= 4  # 2^-4 instead of min-max's 2^(0 - 2): +-1 / 2^-4 = 16 saturates to 6
+    codes = q.eval().codes(w)
+    state, back = _round_trip(codes, (2, 64))
+    assert state["weight_scale"].tolist() == [[0, 127], [123, 0]]  # all-zero blocks: e = -127, byte 0
+    assert state["weight_packed"][0, 16:18].tolist() == [6 | 12 << 4, 2 | 1 << 4]
+    assert back[1, 0].item() == -0.375 and back[1, 31].item() == 0.375  # -6 * 2^-4 and 6 * 2^-4
+    assert torch.equal(back.float(), q(w))
+
+
+def test_fp8_channel_and_tensor_by_hand():
+    w = torch.tensor([[448.0, 100.0, 3.3, 0.0], [0.0, 0.0, 0.0, 0.0]])  # row 0: scale 1; 100 -> 96; row 1 all zero
+    for granularity in ("channel", "tensor"):
+        codes = FP8("e4m3", granularity=granularity).init_(w).codes(w)
+        state, back = _round_trip(codes, (2, 4))
+        assert state["weight"].dtype == torch.float8_e4m3fn and back.dtype == torch.float32
+        assert back[0].tolist() == [448.0, 96.0, 3.25, 0.0] and torch.equal(back, codes.dequantize())
+
+
+def test_an_nvfp4_tensor_scale_that_is_no_power_of_two_is_refused_and_why():
+    w = torch.randn(4, 32) * 0.05
+    q = FP4("nvfp4", scale="lsq").init_(w)
+    q.tensor_scale.fill_(w.abs().max().item() / 2688)  # NVIDIA's exact amax / (6 * 448), as older checkpoints hold it
+    codes = q.eval().codes(w)
+    with pytest.raises(UserError, match="not a power of two"):
+        compressed.weight_args(codes, "layer")
+    # why: the package decompresses E2M1 * (E4M3 / (1 / s_t)) and casts to bfloat16, which cannot hold E2M1 * E4M3 * s_t
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**compressed._FP_ARGS["nvfp4"][1]))
+    back = NVFP4PackedCompressor.decompress(compressed._fp_state(codes, (4, 32)), scheme)["weight"]
+    assert not torch.equal(back.float(), codes.dequantize())
+
+
+def test_fp_grids_without_a_scheme_are_refused(smollm2, tmp_path):
+    w = torch.randn(8, 64)
+    with pytest.raises(UserError, match="E5M2|e5m2"):
+        compressed.weight_args(FP8("e5m2", granularity="channel").init_(w).codes(w), "layer")
+    model = quantize_(copy.deepcopy(smollm2[0]), weight=P(FP4, "nvfp4"), activation=P(FP4, "nvfp4"), include="model.layers.0.mlp.up_proj")
+    with pytest.raises(UserError, match="quantizes its input activations"):
         compressed.save(model, smollm2[1], tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -261,18 +261,6 @@ def test_quantize_smollm2(smollm2):
     assert q.scale.grad is not None and torch.isfinite(q.scale.grad).all() and q.scale.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("format", ["packed", "gguf", "compressed-tensors"])
-def test_integer_exports_refuse_fp_codes(format, tmp_path):
-    import qat
-    from qat.export import export_
-
-    model = torch.nn.Sequential(torch.nn.Linear(32, 4))
-    qat.quantize_(model, weight=partial(FP4, "mxfp4"))
-    with pytest.raises(UserError, match="floating-point format"):
-        export_(model, tmp_path / "out", format=format)
-    assert not (tmp_path / "out").exists()
-
-
 def test_quant_stats_count_saturated_values_as_clipped():
     from qat.lit.callbacks import layer_stats
     from qat.nn import QuantLinear

@@ -401,6 +401,7 @@ def requantize_(model: nn.Module) -> nn.Module:
 
     Each gets its dequantized weight and a ``qat.quantizers.Frozen`` quantizer holding the packed
     codes (``Frozen(layer.codes())``), so ``export_`` can write the same codes in another format (hf, gguf, compressed-tensors).
+    FP4 / FP8 layers are refused (``Frozen`` holds integer codes): export those from the trained checkpoint.
 
     Example:
         >>> export_(requantize_(load_packed("out/w4")), "out/w4-gguf", format="gguf")  # doctest: +SKIP

@@ -118,10 +118,12 @@ def _csv_losses(run_dir: Path) -> dict[int, float]:
 
 def test_resume_matches_an_uninterrupted_run(tmp_path):
     common = ["recipe=smollm2_w4_lsq", "debug=fast", "logger=csv", "eval.before=false", *LM_SMALL, "trainer.deterministic=true",
-              "callbacks.checkpoint.every_n_train_steps=2"]
+              "callbacks.checkpoint.every_n_train_steps=3"]
+    # checkpoints every 3 steps: the final step is saved all the same (last.ckpt is the trained model)
     full = tmp_path / "full"
     train.run(cfg_for([*common, "trainer.max_steps=4"], full))
-    first = tmp_path / "first"  # stopped after 2 steps, same 4-step schedule
+    assert torch.load(full / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
+    first = tmp_path / "first"  # stopped after 2 steps (saved as the final step), same 4-step schedule
     train.run(cfg_for([*common, "trainer.max_steps=2", "module.total_steps=4"], first))
     ckpt = first / "checkpoints" / "last.ckpt"
     assert ckpt.exists()

@@ -13,7 +13,8 @@ model with the layer alone quantized, or the empirical-Fisher estimate). The exa
 average bits per weight stay within ``quant.plan.bits``. The choice becomes ``quant.rules`` (one
 rule per layer, its exact name) in a quant YAML that ``qat-train quant=NAME`` reads; the table
 (layer, setting, sensitivity, bits) is printed and drawn (``plan.png``: sensitivity per layer of
-each candidate, and the chosen width).
+each candidate, and the chosen width). Sensitivity does not depend on the budget: ``plan.json``
+keeps it, and ``quant.plan.sensitivity=PATH/plan.json`` allocates another budget without measuring.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class Plan:
     def summary(self) -> dict:
         """What metrics.json records: budget, average, method, counts and the choice per layer."""
         return {"bits": self.budget, "average_bits": self.average_bits, "method": self.method,
-                "layers": {name: cand for name, cand, _, _ in self.chosen()},
+                "candidates": self.nodes, "layers": {name: cand for name, cand, _, _ in self.chosen()},
                 "sensitivity": {name: dict(zip(self.candidates, s)) for name, s in zip(self.layers, self.sens)}}
 
     def plot(self, path: Path) -> Path | None:
@@ -135,7 +136,7 @@ def candidate_nodes(plan_cfg, weight_node) -> dict:
 
 
 def make_plan(model: nn.Module, names: Sequence[str], nodes: Mapping[str, dict], batches: Sequence[torch.Tensor],
-              bits: float, method: str = "kl") -> Plan:
+              bits: float, method: str = "kl", measured: Mapping | None = None) -> Plan:
     """Measure, allocate and return the :class:`Plan` for ``model``'s layers ``names``.
 
     Args:
@@ -145,9 +146,12 @@ def make_plan(model: nn.Module, names: Sequence[str], nodes: Mapping[str, dict],
         batches: calibration token ids.
         bits: the budget, average storage bits per weight.
         method: ``kl`` (measured) or ``fisher`` (estimated).
+        measured: an earlier plan's ``plan.json`` (``Plan.summary``) whose sensitivities are reused instead of
+            measured (``reused_sensitivity``): the same layers, candidates and method, any budget.
 
     Raises:
-        UserError: an unknown method, or a budget below the cheapest plan.
+        UserError: an unknown method, a budget below the cheapest plan, or a ``measured`` plan of other
+            layers, candidates or method.
     """
     from hydra.utils import instantiate
 
@@ -174,10 +178,36 @@ def make_plan(model: nn.Module, names: Sequence[str], nodes: Mapping[str, dict],
     if budget < sum(min(r) for r in table):
         raise UserError(f"quant.plan.bits={bits}: the cheapest plan of these candidates takes {cheapest:.3f} bits per weight; "
                         "raise the budget or add a narrower candidate")
-    sens_by_layer = measure(model, list(layers), factories, batches)
+    sens_by_layer = (reused_sensitivity(measured, list(layers), dict(nodes), method) if measured is not None
+                     else measure(model, list(layers), factories, batches))
     sens = [[sens_by_layer[name][cand] for cand in factories] for name in layers]
     choice = allocate(table, sens, budget)
     return Plan(list(layers), list(factories), table, sens, weights, choice, bits, method, dict(nodes))
+
+
+def reused_sensitivity(summary: Mapping, layers: Sequence[str], nodes: Mapping[str, dict], method: str) -> dict:
+    """The sensitivities of an earlier plan (``plan.json``) for ``layers`` x ``nodes``, checked to be the same measurement.
+
+    Sensitivity does not depend on the budget, so one measurement serves every budget: ``qat-train
+    quant.plan.bits=3 quant.plan.sensitivity=RUN/plan.json`` allocates at once. The file must hold the
+    same method, every layer and every candidate under the same quantizer settings.
+
+    Raises:
+        UserError: naming what differs and the fix (measure again: ``quant.plan.sensitivity=null``).
+    """
+    fix = "; measure again with quant.plan.sensitivity=null"
+    if summary.get("method") != method:
+        raise UserError(f"quant.plan.sensitivity holds {summary.get('method')!r} sensitivities, the plan asks for {method!r}{fix}")
+    if summary.get("candidates") != dict(nodes):
+        differ = sorted(set(nodes) ^ set(summary.get("candidates") or {})) or [
+            c for c in nodes if (summary.get("candidates") or {}).get(c) != nodes[c]]
+        raise UserError(f"quant.plan.sensitivity was measured for other candidate settings (differ: {differ}){fix}")
+    sens = summary.get("sensitivity") or {}
+    missing = [name for name in layers if name not in sens]
+    if missing:
+        raise UserError(f"quant.plan.sensitivity holds no sensitivity for {len(missing)} of the {len(layers)} layers "
+                        f"(first: {missing[0]}){fix}")
+    return {name: {c: float(sens[name][c]) for c in nodes} for name in layers}
 
 
 def plan_layers(model: nn.Module, include, exclude) -> list[str]:
@@ -207,7 +237,17 @@ def plan_run(cfg, model: nn.Module, datamodule) -> Plan:
     names = plan_layers(model, cfg.quant.include, cfg.quant.exclude)
     log.info("planning %d layers x %d candidates at %s bits per weight (%s, %d calibration blocks)",
              len(names), len(nodes), pc.bits, pc.method, len(blocks))
-    return make_plan(model, names, nodes, batches, float(pc.bits), pc.method)
+    measured = None
+    if pc.get("sensitivity"):
+        import json
+
+        path = Path(pc.sensitivity)
+        if not path.is_file():
+            raise UserError(f"quant.plan.sensitivity={path}: no such file; give a plan.json written by qat-plan or by a "
+                            "qat-train quant.plan.bits=B run (its run directory), or null to measure")
+        measured = json.loads(path.read_text())
+        log.info("reusing the %s sensitivities of %s", pc.method, path)
+    return make_plan(model, names, nodes, batches, float(pc.bits), pc.method, measured)
 
 
 def quant_yaml(cfg, plan: Plan) -> str:
@@ -249,7 +289,9 @@ def write_plan(path: Path, text: str) -> None:
 
 
 def run(cfg) -> Path:
-    """``qat-plan``: load the model and data of the config, plan, print the table, write the quant YAML and the plot."""
+    """``qat-plan``: load the model and data of the config, plan, print the table, write the quant YAML, plan.json and the plot."""
+    import json
+
     from qat.config import load, make
 
     if cfg.quant.plan.bits is None:
@@ -261,6 +303,7 @@ def run(cfg) -> Path:
     out = Path(cfg.quant.plan.out) if cfg.quant.plan.get("out") else Path(cfg.paths.output_dir) / "plan.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_plan(out, quant_yaml(cfg, plan))
+    write_plan(out.with_suffix(".json"), json.dumps(plan.summary(), indent=1))  # reusable: quant.plan.sensitivity=...
     print(plan.table())
     png = plan.plot(out.with_suffix(".png"))
     print(f"\nwrote {out}" + (f" and {png}" if png else "") + f"; train it with: qat-train --config-dir {out.parent.parent} "

@@ -75,6 +75,30 @@ def test_budget_below_the_cheapest_plan_and_bad_method_are_named(smollm2, data, 
         qplan.plan_run(_cfg(["quant.plan.bits=3", "quant.plan.method=hessian"], tmp_path), model, data)
 
 
+def test_a_measured_plan_is_reused_at_another_budget_and_refused_when_it_differs(smollm2, data, tmp_path):
+    """``quant.plan.sensitivity=plan.json``: the same sensitivities at any budget, without measuring (Fisher: fast)."""
+    model, _ = smollm2
+    plan = qplan.plan_run(_cfg(["quant.plan.bits=3.0", "quant.plan.method=fisher"], tmp_path), model, data)
+    saved = tmp_path / "plan.json"
+    saved.write_text(json.dumps(plan.summary()))
+    again = qplan.plan_run(_cfg(["quant.plan.bits=3.0", "quant.plan.method=fisher", f"quant.plan.sensitivity={saved}"], tmp_path),
+                           model, data)
+    assert again.sens == plan.sens and again.choice == plan.choice
+    wider = qplan.plan_run(_cfg(["quant.plan.bits=4.0", "quant.plan.method=fisher", f"quant.plan.sensitivity={saved}"], tmp_path),
+                           model, data)
+    assert wider.sens == plan.sens and 3.0 < wider.average_bits <= 4.0
+    with pytest.raises(UserError, match="holds 'fisher' sensitivities, the plan asks for 'kl'"):
+        qplan.plan_run(_cfg(["quant.plan.bits=3.0", f"quant.plan.sensitivity={saved}"], tmp_path), model, data)
+    with pytest.raises(UserError, match=r"other candidate settings \(differ: \['w4'\]\)"):
+        qplan.plan_run(_cfg(["quant.plan.bits=3.0", "quant.plan.method=fisher", "quant.plan.candidates.w4.group_size=64",
+                             f"quant.plan.sensitivity={saved}"], tmp_path), model, data)
+    with pytest.raises(UserError, match="no sensitivity for 7 of the 14 layers"):
+        qplan.plan_run(_cfg(["quant.plan.bits=3.0", "quant.plan.method=fisher", "quant.include=[model.layers.0.*,model.layers.1.*]",
+                             f"quant.plan.sensitivity={saved}"], tmp_path), model, data)
+    with pytest.raises(UserError, match="no such file"):
+        qplan.plan_run(_cfg(["quant.plan.bits=3.0", f"quant.plan.sensitivity={tmp_path / 'none.json'}"], tmp_path), model, data)
+
+
 def test_qat_plan_cli_writes_a_quant_yaml_that_qat_train_reads(tmp_path):
     out = tmp_path / "conf" / "quant" / "mix.yaml"
     r = subprocess.run([sys.executable, "-m", "qat.plan", "recipe=smollm2_w4_lsq", *SMALL, *BLOCK0, "quant.plan.bits=3.0",
@@ -84,6 +108,7 @@ def test_qat_plan_cli_writes_a_quant_yaml_that_qat_train_reads(tmp_path):
     assert "average" in r.stdout and "model.layers.0.mlp.down_proj" in r.stdout
     cfg = compose(["recipe=smollm2_w4_lsq", "quant=mix", f"hydra.searchpath=[file://{tmp_path / 'conf'}]"])
     assert len(cfg.quant.rules) == 7 and cfg.quant.include == ["model.layers.0.*"]
+    assert set(json.loads(out.with_suffix(".json").read_text())["sensitivity"]) == {r.pattern for r in cfg.quant.rules}
 
 
 def test_qat_train_plans_then_trains(tmp_path):

@@ -35,6 +35,41 @@ def test_knapsack_matches_brute_force(seed):
     assert sum(s[c] for s, c in zip(sens, plan)) == pytest.approx(brute_force(bits, sens, budget))
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_knapsack_in_a_coarser_unit_never_overspends_and_is_within_its_slack(seed):
+    """Costs that share no unit (ternary's ceil(1.6 n)) and a table capped at 7 columns: rounded up to a coarser unit,
+    the plan stays within the budget and is at least as good as the exact optimum under budget - layers x (unit - 1)."""
+    rng = random.Random(seed)
+    layers = rng.randint(2, 6)
+    bits = [sorted(rng.randint(50, 400) for _ in range(rng.randint(2, 4))) for _ in range(layers)]
+    sens = [sorted((rng.random() for _ in b), reverse=True) for b in bits]
+    lo, hi = sum(min(b) for b in bits), sum(max(b) for b in bits)
+    budget = rng.randint(lo, hi)
+    plan = allocate(bits, sens, budget, max_columns=7)
+    assert sum(b[c] for b, c in zip(bits, plan)) <= budget
+    unit = -(-(budget - lo) // 7)
+    tighter = budget - layers * (unit - 1)
+    if tighter >= lo:
+        assert sum(s[c] for s, c in zip(sens, plan)) <= brute_force(bits, sens, tighter) + 1e-12
+
+
+def test_knapsack_at_model_scale_is_fast_and_small():
+    """SmolLM2-135M's 210 decoder linears x 5 candidates, with ternary's ceil(1.6 n) costs (no common unit): seconds."""
+    import math
+    import time
+
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30
+    bits = [[math.ceil(1.6 * o * i) + 16 * o * i // 64, 2 * o * i + 32 * o * i // 64, 3 * o * i + 32 * o * i // 64,
+             4 * o * i + 16 * o * i // 32, 8 * o * i + 16 * o] for o, i in shapes]
+    rng = random.Random(0)
+    sens = [sorted((rng.random() * 10 ** -k for k in range(5)), reverse=True) for _ in shapes]
+    weights = sum(o * i for o, i in shapes)
+    t0 = time.perf_counter()
+    plan = allocate(bits, sens, int(2.5 * weights))
+    assert time.perf_counter() - t0 < 20
+    assert 2.49 < average_bits(bits, plan, [o * i for o, i in shapes]) <= 2.5
+
+
 def test_knapsack_takes_the_sensitive_layer_wide():
     # three layers of 100 weights, candidates 2 or 4 bits; only the middle one is sensitive
     bits = [[200, 400]] * 3

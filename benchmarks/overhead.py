@@ -25,7 +25,7 @@ process and the mark reflects live memory: the step's peak increase over the res
 it, and the process's peak.
 
     make install && .venv/bin/pip install -e ".[bench]"   # torchao
-    .venv/bin/python benchmarks/overhead.py [--repeats 5] [--threads 2] [--batch 4] [--seq-len 256] [--device cuda] [--no-tune]
+    .venv/bin/python benchmarks/overhead.py [--repeats 5] [--threads 2] [--batch 4] [--seq-len 256] [--device cuda] [--no-tune] [--format int4|nvfp4|mxfp4]
 
 Writes two results files (``QAT_BENCH_RESULTS`` moves the folder):
 
@@ -36,6 +36,13 @@ Writes two results files (``QAT_BENCH_RESULTS`` moves the folder):
   the three variants' step times (``step_s``), ``ours_over_fp``, ``torchao_over_fp``, ``met``.
 
 ``--no-tune`` adds ``_untuned`` to both names. Prints markdown tables.
+
+``--format nvfp4`` / ``--format mxfp4`` (default ``int4``: everything above) times the same three
+variants with FP4 weights instead: ``ours`` the format recipe's quantizers (``smollm2_nvfp4``: NVFP4
+with Dual-LSQ block scales, ``smollm2_mxfp4``: MXFP4 with LSQ block scales, put in by
+``qat.config.quantize`` as ``qat-train`` does), ``torchao`` its fake quantizer of the format
+(``peers_fp4.torchao_fp4``, the first torchao row of ``peers_fp4.TORCHAO``); time only, written to
+``benchmarks/results/overhead_FORMAT.json`` (same keys as ``peers_overhead.json``, plus ``format``).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_batch_args, rss_peak_reset, run_mode, status_kb, write_json  # noqa: E402
 
 VARIANTS = ("fp", "ours", "torchao")
+FORMATS = ("int4", "nvfp4", "mxfp4")  # --format: int4 the LSQ w4 g32 comparison (overhead.json, peers_overhead.json); FP4 ones time only
 MEMORY_REPEATS = 2  # steps measured in each memory process (after one warm-up step)
 
 
@@ -63,15 +71,29 @@ def decoder_linear(module, fqn: str) -> bool:
     return isinstance(module, torch.nn.Linear) and fqn.startswith("model.layers.")
 
 
-def build_ours(model) -> int:
+def build_ours(model, fmt: str = "int4") -> int:
+    """int4: LSQ w4 sym g32; an FP4 format: its recipe's quantizers (``peers_fp4.FORMATS``) as ``qat-train`` puts them in."""
     import qat
-    from qat.quantizers import LSQ
 
-    qat.quantize_(model, weight=functools.partial(LSQ, bits=4, granularity="group", group_size=32), include="model.layers.*")
+    if fmt == "int4":
+        from qat.quantizers import LSQ
+
+        qat.quantize_(model, weight=functools.partial(LSQ, bits=4, granularity="group", group_size=32), include="model.layers.*")
+    else:
+        from peers_fp4 import FORMATS
+
+        from qat.config import compose, quantize
+
+        quantize(compose([f"recipe={FORMATS[fmt]}"]), model)
     return len(list(qat.quantized_layers(model)))
 
 
-def build_torchao(model) -> int:
+def build_torchao(model, fmt: str = "int4") -> int:
+    """int4: ``IntxFakeQuantizeConfig`` w4 sym g32; an FP4 format: torchao's fake quantizer of it (``peers_fp4``'s first torchao row)."""
+    if fmt != "int4":
+        from peers_fp4 import TORCHAO, torchao_fp4
+
+        return torchao_fp4(model, fmt, TORCHAO[fmt][0][2])["layers"]
     import torch
     from torchao.quantization import quantize_ as ao_quantize_
     from torchao.quantization.qat import FakeQuantizedLinear, IntxFakeQuantizeConfig, QATConfig
@@ -107,7 +129,7 @@ def setup(args, variants: tuple[str, ...]):
     for name in variants:
         models[name] = base if name == variants[-1] else copy.deepcopy(base)  # the last one takes the loaded model itself
         if name in BUILD:
-            layers[name] = BUILD[name](models[name])
+            layers[name] = BUILD[name](models[name], args.format)
     for m in models.values():
         m.to(args.device).train()
     return models, layers, ids
@@ -149,6 +171,30 @@ def memory_of(variant: str, args) -> dict:
     return {"runs": runs}
 
 
+def write_fp4(args, ao, header, allocator, losses, runs, step_s, suffix) -> None:
+    """``overhead_FORMAT.json`` (``--format nvfp4|mxfp4``): the three variants' step times and the target."""
+    from peers_fp4 import FORMATS as RECIPES
+    from peers_fp4 import TORCHAO
+
+    ours = step_s["ours"] / step_s["fp"]
+    tao = step_s["torchao"] / step_s["fp"] if "torchao" in step_s else None
+    result = {
+        "what": f"{args.model} train step (fwd+bwd), float32 {args.device}, {args.format} weight fake quant on the decoder linears: "
+                f"ours (recipe {RECIPES[args.format]}) vs torchao ({TORCHAO[args.format][0][1]}) vs none",
+        "format": args.format, "model": args.model, "device": args.device, **header, "torchao": ao, "allocator": allocator,
+        "ours_recipe": RECIPES[args.format], "torchao_row": TORCHAO[args.format][0][1], "torchao_options": TORCHAO[args.format][0][2],
+        "warmup_loss": losses, "runs_time_s": runs, "step_s": step_s,
+        "ours_over_fp": ours, "torchao_over_fp": tao, "ours_over_torchao": step_s["ours"] / step_s["torchao"] if tao else None,
+        "target": "ours / fp <= torchao / fp", "met": None if tao is None else ours <= tao,
+    }
+    out = write_json(f"overhead_{args.format}" + ("_cuda" if args.device == "cuda" else "") + suffix, result)
+    print("| variant | step (s) | x fp |")
+    print("|---|---|---|")
+    for name, s in step_s.items():
+        print(f"| {name} | {s:.3f} | {s / step_s['fp']:.3f} |")
+    print(f"\nours {ours:.3f}x, torchao {'-' if tao is None else f'{tao:.3f}x'} over fp; ours <= torchao: {result['met']}  -> {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -156,6 +202,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--no-tune", action="store_true", help="time with glibc's default allocator settings")
+    parser.add_argument("--format", choices=FORMATS, default="int4",
+                        help="int4 (default): LSQ w4 g32 against IntxFakeQuantizeConfig, overhead.json and peers_overhead.json; "
+                        "nvfp4 / mxfp4: the format's recipe quantizers against torchao's fake quantizer of it, time only, overhead_FORMAT.json")
     parser.add_argument("--mode", choices=VARIANTS, help=argparse.SUPPRESS)  # a memory process of one variant (run_mode)
     args = parser.parse_args()
     if args.mode:
@@ -171,7 +220,8 @@ def main() -> None:
     ao = torchao_version()
     variants = VARIANTS if ao else VARIANTS[:2]
     if not ao:
-        print("torchao is not installed (pip install -e '.[bench]'): measuring fp and ours only; peers_overhead.json is not written",
+        print("torchao is not installed (pip install -e '.[bench]'): measuring fp and ours only "
+              "(peers_overhead.json is not written; overhead_FORMAT.json has no torchao row)",
               file=sys.stderr)
     models, layers, ids = setup(args, variants)
     if ao and layers["ours"] != layers["torchao"]:
@@ -188,6 +238,9 @@ def main() -> None:
     allocator = "glibc defaults" if args.no_tune else "qat.runtime.tune_malloc (as qat-train)"
     header = {"batch": args.batch, "seq_len": args.seq_len, "threads": args.threads, "repeats": args.repeats,
               "layers": layers["ours"], "torch": torch.__version__}
+    if args.format != "int4":
+        write_fp4(args, ao, header, allocator, losses, runs, step_s, suffix)
+        return
 
     if args.device == "cpu":
         argv = ["--threads", str(args.threads), "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--model", args.model]

@@ -52,6 +52,22 @@ def peers_overhead(r: dict) -> str:
     return "\n".join(rows)
 
 
+def overhead_fp4(r: dict) -> str:
+    """``overhead_nvfp4.json`` / ``overhead_mxfp4.json`` (``benchmarks/overhead.py --format FORMAT``)."""
+    t = r["step_s"]
+    ao = f"torchao {r['torchao']}: {r['torchao_row'].removeprefix('torchao ')}" if r.get("torchao") else "torchao (not installed)"
+    rows = [f"| weight fake quantization (210 decoder linears, {r['format']}) | step (s) | x none |", "|---|---|---|"]
+    for name, label in (("fp", "none"), ("ours", f"ours: recipe `{r['ours_recipe']}`"), ("torchao", ao)):
+        if name in t:
+            rows.append(f"| {label} | {t[name]:.2f} | {t[name] / t['fp']:.2f}x |")
+    verdict = "not measured" if r["met"] is None else ("met" if r["met"] else "not met")
+    tao = "-" if r["torchao_over_fp"] is None else f"{r['torchao_over_fp']:.2f}x"
+    rows.append(f"\nTarget: our overhead <= torchao's: **{verdict}** (ours {r['ours_over_fp']:.2f}x, torchao {tao}). Batch {r['batch']} x "
+                f"{r['seq_len']}, {r['device']}, float32, median of {r['repeats']} interleaved repeats, {r['threads']} threads; "
+                f"allocator: {r['allocator']}; torch {r['torch']}. `.venv/bin/python benchmarks/overhead.py --format {r['format']}`.")
+    return "\n".join(rows)
+
+
 def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -125,6 +141,15 @@ def peers_accuracy(r: dict) -> str:
     from peers_accuracy import table  # the benchmark prints the same table
 
     return table(r) + ("\n\nA partial run (`--only` / `--methods`): not every width or method." if r.get("partial") else "")
+
+
+def peers_fp4(r: dict) -> str:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peers_fp4 import table  # the benchmark prints the same table
+
+    return table(r) + ("\n\nA partial run (`--only` / `--methods`): not every format or method." if r.get("partial") else "")
 
 
 def deadzone(r: dict) -> str:
@@ -428,6 +453,9 @@ TABLES = {
     "memory": memory,
     "export_size": export_size,
     "peers_accuracy": peers_accuracy,
+    "peers_fp4": peers_fp4,
+    "overhead_nvfp4": overhead_fp4,
+    "overhead_mxfp4": overhead_fp4,
 }
 
 

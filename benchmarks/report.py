@@ -180,7 +180,13 @@ def deadzone_seeds(r: dict) -> str:
 
 
 def _weights(quant: dict) -> str:
-    """A short name of a run's quantization config (``metrics.json``'s ``quant``)."""
+    """A short name of a run's quantization config (``metrics.json``'s ``quant``); per-layer rules (a plan) say so."""
+    if quant.get("rules"):
+        from collections import Counter
+
+        rules = quant["rules"]
+        widths = Counter(_weights({"weight": r.get("weight")}) if r.get("weight") else "float" for r in rules)
+        return "mixed, " + ", ".join(f"{n} x {w}" for w, n in widths.most_common())
     w = quant.get("weight") or {}
     name = w.get("_target_", "").rsplit(".", 1)[-1]
     group = f"g{w['group_size']}" if w.get("granularity") == "group" else w.get("granularity", "")
@@ -393,8 +399,9 @@ def mixed(r: dict) -> str:
     rows.append(f"\nEvery row one `qat-train recipe={MIXED_RECIPE}` run with the recipe's steps, schedule and objective "
                 "(`benchmarks/recipes.py " + MIXED_RECIPE + " -- quant.plan.bits=B` for a plan, `-- quant=NAME` for a uniform grid); "
                 "bits per weight count codes, scales, zero points and offsets (`qat.allocation`). The plan chooses per layer among "
-                "ternary, 2, 3, 4 and 8 bits (`configs/plan/default.yaml`) by the KL of that layer alone quantized, on 2 calibration blocks "
-                "of the training split.")
+                "ternary, 2, 3, 4 and 8 bits (`configs/plan/default.yaml`) by the row's sensitivity (`fisher`: the empirical Fisher of "
+                "the loss, `quant.plan.calibration_blocks=16 quant.plan.batch_size=1`, 16 blocks of the training split one gradient "
+                "each; `kl`: the KL to FP of that layer alone quantized); each run's exact command is in `benchmarks/results/recipes.json`.")
     return "\n".join(rows)
 
 
@@ -421,7 +428,7 @@ def distill(r: dict) -> str:
     rows = ["| recipe | objective | steps | train time | held-out QAT | gap recovered vs FP / FP-ft | out-of-domain QAT | x FP "
             "| gap recovered vs FP / FP-ft |", "|---|---|---|---|---|---|---|---|---|"]
     for name in DISTILL:
-        runs = [e for k, e in r.items() if k.split(" ", 1)[0] == name and e.get("metrics")]
+        runs = [e for k, e in r.items() if k.split(" ", 1)[0] == name and e.get("metrics") and not e["metrics"].get("quant", {}).get("rules")]
         for e in sorted(runs, key=lambda e: (_distilled(e), e["metrics"]["steps"])):
             m = e["metrics"]
             objective = "distillation (KL)" if _distilled(e) else "labels (CE)"

@@ -609,6 +609,25 @@ def plot(result: dict, path: Path) -> None:
 # ---------------------------------------------------------------- main
 
 
+def prepare(args, parser) -> tuple[str | None, str | None]:
+    """The process as ``qat-train`` sets it up (allocator, threads), the device checked; ``(torchao version, why missing)``."""
+    import torch
+
+    from qat.runtime import tune_malloc
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; run it on a GPU machine with a CUDA "
+                     "build of torch, or leave --device out (cpu)")
+    tune_malloc()
+    torch.set_num_threads(args.threads)
+    try:
+        import torchao
+
+        return torchao.__version__, None
+    except ImportError as e:
+        return None, f"torchao not installed ({e}); pip install -e '.[bench]'"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     preset = parser.add_mutually_exclusive_group()
@@ -647,20 +666,9 @@ def main() -> None:
 
     import qat
     from qat.metrics import perplexity
-    from qat.runtime import tune_malloc
     from qat.train import ptq_factory
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; run it on a GPU machine with a CUDA "
-                     "build of torch, or leave --device out (cpu)")
-    tune_malloc()
-    torch.set_num_threads(args.threads)
-    try:
-        import torchao  # noqa: F401
-
-        ao_version, ao_missing = torchao.__version__, None
-    except ImportError as e:
-        ao_version, ao_missing = None, f"torchao not installed ({e}); pip install -e '.[bench]'"
+    ao_version, ao_missing = prepare(args, parser)
 
     t_start = time.perf_counter()
     args.run_root = tempfile.mkdtemp(prefix="peers_accuracy-")  # the trainers' default_root_dir (they write nothing: no logger, no checkpoint)

@@ -372,19 +372,9 @@ def main() -> int:
 
     import qat
     from qat.metrics import perplexity
-    from qat.runtime import tune_malloc
     from qat.train import ptq_factory
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
-    tune_malloc()
-    torch.set_num_threads(args.threads)
-    try:
-        import torchao
-
-        ao_version, ao_missing = torchao.__version__, None
-    except ImportError as e:
-        ao_version, ao_missing = None, f"torchao not installed ({e}); pip install -e '.[bench]'"
+    ao_version, ao_missing = pa.prepare(args, parser)
 
     t_start = time.perf_counter()
     args.run_root = tempfile.mkdtemp(prefix="peers_fp4-")  # the trainers' default_root_dir (they write nothing)

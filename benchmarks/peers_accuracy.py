@@ -628,6 +628,19 @@ def prepare(args, parser) -> tuple[str | None, str | None]:
         return None, f"torchao not installed ({e}); pip install -e '.[bench]'"
 
 
+def save(result: dict, args, t_start: float) -> Path:
+    """Targets summed up, seconds, the JSON written atomically to ``args.out``, the trainers' scratch folder removed."""
+    measured = [t["met"] for t in result["targets"].values() if t is not None and t["met"] is not None]
+    result["all_targets_met"] = all(measured) if measured else None
+    result["seconds"] = time.perf_counter() - t_start
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, args.out)
+    shutil.rmtree(args.run_root, ignore_errors=True)
+    return args.out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     preset = parser.add_mutually_exclusive_group()
@@ -746,15 +759,7 @@ def main() -> None:
                           "heldout_tokens": int(heldout.numel()), "train_blocks": n_train,
                           "eval_every": args.eval_every, "seed": args.seed, "threads": args.threads,
                           "grad_clip": ref_cfg.trainer.get("gradient_clip_val"), "ptq": ptq_cache}
-    measured = [t["met"] for t in result["targets"].values() if t is not None and t["met"] is not None]
-    result["all_targets_met"] = all(measured) if measured else None
-    result["seconds"] = time.perf_counter() - t_start
-    out = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, out)
-    shutil.rmtree(args.run_root, ignore_errors=True)
+    out = save(result, args, t_start)
     png = out.with_suffix(".png")
     try:
         plot(result, png)

@@ -51,9 +51,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -441,14 +438,7 @@ def main() -> int:
                           "heldout_tokens": int(heldout.numel()), "ood_tokens": int(ood.numel()), "ood_source": first.eval.ood,
                           "train_blocks": n_train, "eval_every": args.eval_every, "seed": args.seed, "threads": args.threads,
                           "grad_clip": first.trainer.get("gradient_clip_val")}
-    measured = [t["met"] for t in result["targets"].values() if t["met"] is not None]
-    result["all_targets_met"] = all(measured) if measured else None
-    result["seconds"] = time.perf_counter() - t_start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, args.out)
-    shutil.rmtree(args.run_root, ignore_errors=True)
+    pa.save(result, args, t_start)
     print("\n" + table(result))
     print(f"\n{result['seconds']:.0f} s -> {args.out}")
     if failed:

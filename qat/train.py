@@ -45,6 +45,7 @@ def prepare(cfg: DictConfig) -> dict:
         raise UserError(f"output directory {run_dir} is not writable ({e.strerror}); set hydra.run.dir to a writable path") from None
     if launch_rank() == 0:  # the ranks of a distributed run share the run directory
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)  # what qat-eval rebuilds the model from
+    check_data(cfg)
     check_eval(cfg)
     quant = quantizer_factories(cfg)
     named = [(f"quant.{k}", f) for k, f in quant.items() if k != "rules"]
@@ -131,6 +132,18 @@ def check_forward_only(cfg: DictConfig) -> None:
         check_options(m.get("perturbation", "auto"), m.get("share", "none"), m.get("scale"))
     except UserError as e:
         raise UserError(f"module: {e}") from None
+
+
+def check_data(cfg: DictConfig) -> None:
+    """The training data's ``source`` (a named text, a file or folder, a hub name), classified before any model loads."""
+    if cfg.data.get("source") is None:
+        return
+    from qat.lit.data import resolve_source
+
+    try:
+        resolve_source(cfg.data.source)
+    except UserError as e:
+        raise UserError(f"data: {e}") from None
 
 
 def check_eval(cfg: DictConfig) -> None:

@@ -182,22 +182,15 @@ def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
 
 
+# Mistakes Hydra sees before our code runs: through the real command line, in a process of its own.
 @pytest.mark.parametrize(
     "args, words",
     [
         (["recipe=no_such_recipe"], ["no_such_recipe", "recipe"]),
         (["quant.weight.bitz=3"], ["bitz"]),
-        (["recipe=smollm2_w4_lsq", "quant.weight.bits=0"], ["quant.weight", "bits=0", "2 to 8"]),
-        (["recipe=smollm2_w4_lsq", "data.source=/nonexistent/corpus.txt"], ["/nonexistent/corpus.txt"]),
-        (["recipe=smollm2_w4_lsq", "quant.weight.group_size=100", *LM_SMALL], ["group_size=100", "in_features=576", "valid group sizes"]),
         (["hydra.run.dir=/proc/qat-run"], ["/proc/qat-run"]),
-        (["recipe=smollm2_w4_lsq", "eval.ood=/nonexistent/other.txt"], ["eval.ood", "/nonexistent/other.txt"]),
-        (["recipe=smollm2_w4_lsq", "eval.tasks=[hellaswagg]"], ["eval.tasks", "hellaswagg", "hellaswag"]),
-        (["recipe=smollm2_w4_zo_scales", "eval.fp_finetune=true"], ["eval.fp_finetune", "module=zo"]),
-        (["recipe=smollm2_w4_lsq", "+quant.weight.bitz=3"], ["quant.weight", "bitz", "qat.quantizers.lsq.LSQ"]),
     ],
-    ids=["unknown-recipe", "mistyped-key", "bits-0", "missing-data", "group-size", "unwritable-dir", "missing-ood",
-         "unknown-task", "fp-finetune-forward-only", "unexpected-quantizer-setting"],
+    ids=["unknown-recipe", "mistyped-key", "unwritable-dir"],
 )
 def test_cli_bad_input_is_one_clear_message(args, words, tmp_path):
     out = cli(*args, tmp_path=tmp_path)
@@ -206,6 +199,32 @@ def test_cli_bad_input_is_one_clear_message(args, words, tmp_path):
     assert "Traceback" not in err, err[-3000:]
     for w in words:
         assert w in err, (w, err[-3000:])
+
+
+# Mistakes our code finds: each one a UserError naming the problem, from qat-train's task function (what the
+# command line calls once Hydra has composed the config), in this process, so that each case costs its checks
+# and not a fresh interpreter. That a UserError becomes one line with status 2 is the test below.
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["recipe=smollm2_w4_lsq", "quant.weight.bits=0"], ["quant.weight", "bits=0", "2 to 8"]),
+        (["recipe=smollm2_w4_lsq", "data.source=/nonexistent/corpus.txt"], ["/nonexistent/corpus.txt"]),
+        (["recipe=smollm2_w4_lsq", "quant.weight.group_size=100", *LM_SMALL], ["group_size=100", "in_features=576", "valid group sizes"]),
+        (["recipe=smollm2_w4_lsq", "eval.ood=/nonexistent/other.txt"], ["eval.ood", "/nonexistent/other.txt"]),
+        (["recipe=smollm2_w4_lsq", "eval.tasks=[hellaswagg]"], ["eval.tasks", "hellaswagg", "hellaswag"]),
+        (["recipe=smollm2_w4_zo_scales", "eval.fp_finetune=true"], ["eval.fp_finetune", "module=zo"]),
+        (["recipe=smollm2_w4_lsq", "+quant.weight.bitz=3"], ["quant.weight", "bitz", "qat.quantizers.lsq.LSQ"]),
+    ],
+    ids=["bits-0", "missing-data", "group-size", "missing-ood", "unknown-task", "fp-finetune-forward-only",
+         "unexpected-quantizer-setting"],
+)
+def test_each_mistake_in_a_run_is_a_user_error_that_names_it(args, words, tmp_path, monkeypatch):
+    monkeypatch.setenv("QAT_TRACEBACK", "1")  # main re-raises the UserError instead of printing it and exiting
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(UserError) as error:
+        train.main(cfg_for(args, tmp_path / "run"))
+    for w in words:
+        assert w in str(error.value), (w, str(error.value))
 
 
 def test_main_turns_a_user_error_into_one_line_and_lets_any_other_error_through(tmp_path, capsys, monkeypatch):

@@ -10,7 +10,10 @@ calibration batches ``x`` (token ids; the model is a causal LM):
 
       s_KL[l][c] = mean over predicted tokens of KL(p_FP(. | x) || p_lc(. | x))
 
-  One forward pass per (layer, candidate, batch); the FP logits are computed once.
+  One forward pass per (layer, candidate, batch); the FP logits are computed once. The pass starts
+  at the layer's own decoder block: the outputs of the float blocks before it are recorded once in
+  the FP pass and handed back (``_skip_blocks``), so a layer of block ``k`` of ``L`` costs the last
+  ``L - k`` blocks and the head, about half a forward on average, and the same numbers.
 * **Fisher, estimated** (HAWQ-V2 / OBS's second-order term with the empirical Fisher as the
   Hessian's diagonal): one backward pass per batch on the FP model's causal-LM loss gives
   ``F = sum over batches of g^2`` per weight, and ::
@@ -26,6 +29,7 @@ assumption every one of these allocators makes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +66,54 @@ def layers_of(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Linear]:
 
 
 def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+    return F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+
+
+def block_index(model: nn.Module, names: Sequence[str]) -> tuple[nn.ModuleList | None, dict[str, int]]:
+    """The stack of blocks (an ``nn.ModuleList`` such as ``model.layers``) that holds the layers ``names``, and
+    each layer's block number; ``(None, {})`` when the layers sit in no such stack.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.ModuleList([nn.Sequential(nn.Linear(2, 2)) for _ in range(3)]))
+        >>> block_index(net, ["0.2.0", "0.0.0"])[1]
+        {'0.2.0': 2, '0.0.0': 0}
+    """
+    modules = dict(model.named_modules())
+    for name in names:  # the stack: the longest prefix of the first name that is a ModuleList
+        parts = name.split(".")
+        stacks = [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)
+                  if isinstance(modules.get(".".join(parts[:i])), nn.ModuleList) and parts[i].isdigit()]
+        break
+    else:
+        return None, {}
+    for prefix in stacks:
+        index = {}
+        for name in names:
+            head, _, rest = name[len(prefix) + 1:].partition(".") if name.startswith(prefix + ".") else ("", "", "")
+            if not head.isdigit() or not rest:
+                break
+            index[name] = int(head)
+        else:
+            return modules[prefix], index
+    return None, {}
+
+
+class _skip_blocks:
+    """Within the context, blocks ``0 .. k-1`` of ``stack`` return what they returned in the FP pass for batch ``b``
+    instead of computing it (their weights are float and unchanged, so the output is the same)."""
+
+    def __init__(self, stack: nn.ModuleList, outputs: list[list], k: int, b: int):
+        self.stack, self.outputs, self.k, self.b = stack, outputs, k, b
+
+    def __enter__(self):
+        for i in range(self.k):
+            out = self.outputs[i][self.b]
+            self.stack[i].forward = lambda *args, _out=out, **kwargs: _out
+
+    def __exit__(self, *exc):
+        for i in range(self.k):
+            del self.stack[i].forward
 
 
 @torch.no_grad()
@@ -88,7 +139,14 @@ def kl_sensitivity(model: nn.Module, names: Sequence[str], candidates: Mapping[s
         raise UserError("kl_sensitivity needs at least one calibration batch")
     was_training = model.training
     model.eval()
-    reference = [_log_probs(model, ids) for ids in batches]
+    stack, index = block_index(model, list(layers))
+    outputs = [[] for _ in stack] if stack is not None else []
+    hooks = [block.register_forward_hook(lambda m, a, out, i=i: outputs[i].append(out)) for i, block in enumerate(stack or [])]
+    try:
+        reference = [_log_probs(model, ids) for ids in batches]
+    finally:
+        for h in hooks:
+            h.remove()
     out: dict[str, dict[str, float]] = {}
     try:
         for name, layer in layers.items():
@@ -96,9 +154,12 @@ def kl_sensitivity(model: nn.Module, names: Sequence[str], candidates: Mapping[s
             out[name] = {}
             for cand, factory in candidates.items():
                 layer.weight.data = quantized_weight(original, factory)[0]
+                kl = []
                 try:
-                    kl = [F.kl_div(_log_probs(model, ids), ref, log_target=True, reduction="sum").item() / ref[..., 0].numel()
-                          for ids, ref in zip(batches, reference)]
+                    for b, (ids, ref) in enumerate(zip(batches, reference)):
+                        with _skip_blocks(stack, outputs, index[name], b) if stack is not None else nullcontext():
+                            logp = _log_probs(model, ids)
+                        kl.append(F.kl_div(logp, ref, log_target=True, reduction="sum").item() / ref[..., 0].numel())
                 finally:
                     layer.weight.data = original
                 out[name][cand] = sum(kl) / len(kl)

@@ -67,3 +67,14 @@ def test_bad_layer_or_no_batch_is_named(smollm2, ids):
         kl_sensitivity(model, ["model.layers.0"], CANDIDATES, [ids])
     with pytest.raises(UserError, match="at least one calibration batch"):
         fisher_sensitivity(model, LAYERS, CANDIDATES, [])
+
+
+def test_layers_are_found_in_their_decoder_block(smollm2):
+    from torch import nn
+
+    from qat.sensitivity import block_index
+
+    model, _ = smollm2
+    stack, index = block_index(model, LAYERS)
+    assert stack is model.model.layers and index == {LAYERS[0]: 0, LAYERS[1]: 29}
+    assert block_index(nn.Sequential(nn.Linear(2, 2)), ["0"]) == (None, {})  # no stack of blocks: a full forward per layer

@@ -24,11 +24,15 @@ $(STAMP): pyproject.toml Makefile
 train: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/qat-train $(ARGS)
 
-# ruff first (seconds), then the tests and the docstring examples of qat/ in one pytest run.
+# ruff first (seconds), then the tests and the docstring examples of qat/ in one pytest run, in JOBS worker
+# processes of one torch thread each (pytest-xdist): most tests wait on imports, config and Python, not on matrix
+# products, so two one-thread workers on 2 cores finish sooner than one two-thread process. Each worker holds the
+# embedded models (a few GB): raise JOBS with the cores and the memory, JOBS=0 runs in this process.
+JOBS    ?= 2
 test: install
 	$(BIN)/ruff check qat tests benchmarks launch
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline \
-	  $(BIN)/python -m pytest -q --doctest-modules qat tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline \
+	  $(BIN)/python -m pytest -q -n $(JOBS) --doctest-modules qat tests
 
 # The slow tests also run llama.cpp on our GGUF exports: llama-cpp-python has no wheel here, so it is
 # built once from PyPI's source distribution (several minutes; GGML_NATIVE=OFF avoids CPU paths the

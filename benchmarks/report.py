@@ -383,12 +383,14 @@ def mixed(r: dict) -> str:
         if bits is not None:
             runs.append((bits, plan, _distilled(e), m))
     rows = ["| weights | bits per weight | objective | steps | PTQ held out | PTQ out of domain | QAT held out | QAT out of domain | "
-            "beats every uniform grid of as many or more bits (PTQ / QAT, both texts) |", "|---|---|---|---|---|---|---|---|---|"]
+            "beats the uniform grid of the same or the next larger width (PTQ / QAT, both texts) |", "|---|---|---|---|---|---|---|---|---|"]
     for bits, plan, kd, m in sorted(runs, key=lambda x: (x[0], x[2], x[3]["steps"])):
         label = f"plan at {plan['bits']} ({plan['method']})" if plan else _weights(m.get("quant", {}))
         verdict = ""
         if plan:
-            wider = [x[3] for x in runs if not x[1] and x[0] >= bits and x[2] == kd and x[3]["steps"] == m["steps"]]
+            wider = [x for x in runs if not x[1] and x[0] >= bits - 1e-9 and x[2] == kd and x[3]["steps"] == m["steps"]]
+            # the uniform grid of the same or the next larger width: the one the plan's budget is matched against
+            wider = [x[3] for x in wider if x[0] == min(u[0] for u in wider)]
             if wider:
                 ok = [all(m[f"ppl_{s}{t}"] < u[f"ppl_{s}{t}"] for u in wider for t in ("", "_ood")) for s in ("ptq", "qat")]
                 verdict = " / ".join("yes" if x else "**no**" for x in ok)

@@ -148,8 +148,9 @@ class FPFormat:
         """uint8 codes of values already on the format (``round``'s output); ``decode`` inverts it bitwise."""
         if self.dtype is not None:
             return q.float().to(self.dtype).view(torch.uint8)
-        mag = torch.searchsorted(_e2m1_magnitudes(q.device), q.abs().float().contiguous())
-        return (mag | (torch.signbit(q).to(mag.dtype) << 3)).to(torch.uint8)
+        m = q.abs().float()  # 0, .5, 1, 1.5 -> 2m (codes 0-3); 2, 3, 4 -> m + 2 (4-6); 6 -> 7
+        mag = torch.where(m < 2, m * 2, torch.where(m < 5, m + 2, 7.0)).to(torch.uint8)
+        return mag | (torch.signbit(q).to(torch.uint8) << 3)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """float32 values of ``codes`` (a table lookup)."""

@@ -28,6 +28,8 @@ assumption every one of these allocators makes.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 
@@ -39,6 +41,7 @@ from qat.errors import UserError
 from qat.quantizers.base import Quantizer
 
 Factory = Callable[[], Quantizer]
+log = logging.getLogger(__name__)
 
 
 def quantized_weight(weight: torch.Tensor, factory: Factory) -> tuple[torch.Tensor, Quantizer]:
@@ -148,8 +151,13 @@ def kl_sensitivity(model: nn.Module, names: Sequence[str], candidates: Mapping[s
         for h in hooks:
             h.remove()
     out: dict[str, dict[str, float]] = {}
+    start, every = time.perf_counter(), max(1, len(layers) // 10)
     try:
-        for name, layer in layers.items():
+        for done, (name, layer) in enumerate(layers.items()):
+            if done and done % every == 0:  # a measurement of minutes: say how far it is
+                elapsed = time.perf_counter() - start
+                log.info("KL sensitivity: %d of %d layers in %.0f s (about %.0f s left)", done, len(layers), elapsed,
+                         elapsed / done * (len(layers) - done))
             original = layer.weight.data
             out[name] = {}
             for cand, factory in candidates.items():

@@ -193,8 +193,7 @@ def text_file(name: str = SHIPPED, cache_dir: str | os.PathLike | None = None) -
     ``~/.cache/qat/data``.
 
     Raises:
-        OSError: the cache directory is not writable.
-        UserError: ``"licenses"`` on a system without Debian's common licences.
+        UserError: the cache directory is not writable, or ``"licenses"`` on a system without Debian's common licences.
 
     Example:
         >>> text_file("shipped").read_text() == shipped_text()  # doctest: +SKIP
@@ -205,8 +204,12 @@ def text_file(name: str = SHIPPED, cache_dir: str | os.PathLike | None = None) -
     target = root / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
     if target.is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=root)
+    except OSError as e:
+        raise UserError(f"the data cache {root} is not writable ({e.strerror}); point QAT_CACHE (or data.cache_dir) "
+                        "at a writable folder") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)

@@ -449,3 +449,8 @@ def test_two_ddp_ranks_see_the_data_of_one_process_with_twice_the_batch(tok, cac
     (single,), (rank0, rank1) = seen["single"], seen["ddp"]
     assert len(single) == len(rank0) == len(rank1) == 4
     assert all(torch.equal(s, torch.cat([a, b])) for s, a, b in zip(single, rank0, rank1))
+
+
+def test_an_unwritable_data_cache_is_named_with_the_fix():
+    with pytest.raises(UserError, match="/proc/qat-cache.*QAT_CACHE"):  # /proc refuses new folders, even to root
+        text_file("shipped", "/proc/qat-cache")

@@ -21,7 +21,7 @@ from qat.convert import quantize_
 from qat.corpus import shipped_text, token_blocks
 from qat.export import gguf as qgguf
 from qat.metrics import perplexity
-from qat.quantizers import MinMax, Ternary
+from qat.quantizers import FP4, MinMax, Ternary
 
 pytestmark = pytest.mark.slow
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -32,6 +32,7 @@ SEQ_LEN, N_BLOCKS = 256, 8
 # of the last four blocks (TQ2_0 down_proj, Q4_0 gate/up, Tequila biases), a model that still works.
 GRIDS = {
     "int4_sym_g32": (functools.partial(MinMax, bits=4, granularity="group", group_size=32), "*"),
+    "mxfp4": (functools.partial(FP4, "mxfp4"), "*"),  # E2M1 in blocks of 32 with E8M0 scales: ggml's MXFP4 as it is
     "ternary_tequila_mlp_last4": (
         functools.partial(Ternary, "absmean", granularity="channel", deadzone="tequila"),
         "model.layers.2[6-9].mlp.*",

@@ -371,6 +371,18 @@ def uniform_bits(quant: dict) -> float | None:
 MIXED_RECIPE = "smollm2_w2_lsq"
 
 
+def _candidates(key: str, plan: dict) -> list[str]:
+    """A plan's candidate names: from its metrics (``layers_per_candidate``), else from the run's ``plan@quant.plan=`` option."""
+    if plan.get("layers_per_candidate"):
+        return list(plan["layers_per_candidate"])
+    from omegaconf import OmegaConf
+
+    from qat.config import config_dir
+
+    option = next((o.split("=", 1)[1] for o in key.split() if o.startswith("plan@quant.plan=")), "default")
+    return list(OmegaConf.load(config_dir() / "plan" / f"{option}.yaml").candidates)
+
+
 def mixed(r: dict) -> str:
     """Planned mixed precision (``quant.plan.bits``) against uniform grids, same recipe and budget, from ``recipes.json``."""
     runs = []
@@ -381,11 +393,11 @@ def mixed(r: dict) -> str:
         plan = m.get("plan")
         bits = plan["average_bits"] if plan else uniform_bits(m.get("quant", {}))
         if bits is not None:
-            runs.append((bits, plan, _distilled(e), m))
+            runs.append((bits, plan, _distilled(e), m, key))
     rows = ["| weights | bits per weight | objective | steps | PTQ held out | PTQ out of domain | QAT held out | QAT out of domain | "
             "beats the uniform grid of the same or the next larger width (PTQ / QAT, both texts) |", "|---|---|---|---|---|---|---|---|---|"]
-    for bits, plan, kd, m in sorted(runs, key=lambda x: (x[0], x[2], x[3]["steps"])):
-        label = f"plan at {plan['bits']} ({plan['method']})" if plan else _weights(m.get("quant", {}))
+    for bits, plan, kd, m, key in sorted(runs, key=lambda x: (x[0], x[2], x[3]["steps"])):
+        label = f"plan at {plan['bits']} ({plan['method']}; {', '.join(_candidates(key, plan))})" if plan else _weights(m.get("quant", {}))
         verdict = ""
         if plan:
             wider = [x for x in runs if not x[1] and x[0] >= bits - 1e-9 and x[2] == kd and x[3]["steps"] == m["steps"]]
@@ -401,9 +413,11 @@ def mixed(r: dict) -> str:
     rows.append(f"\nEvery row one `qat-train recipe={MIXED_RECIPE}` run with the recipe's steps, schedule and objective "
                 "(`benchmarks/recipes.py " + MIXED_RECIPE + " -- quant.plan.bits=B` for a plan, `-- quant=NAME` for a uniform grid); "
                 "bits per weight count codes, scales, zero points and offsets (`qat.allocation`). The plan chooses per layer among "
-                "ternary, 2, 3, 4 and 8 bits (`configs/plan/default.yaml`) by the row's sensitivity (`fisher`: the empirical Fisher of "
-                "the loss, `quant.plan.calibration_blocks=16 quant.plan.batch_size=1`, 16 blocks of the training split one gradient "
-                "each; `kl`: the KL to FP of that layer alone quantized); each run's exact command is in `benchmarks/results/recipes.json`.")
+                "the candidates its row names (ternary, w2, w3, w4, w8: `configs/plan/default.yaml`, groups of 64, 64, 64, 32 and "
+                "channels; w3_g192 and w4_g192: `configs/plan/integer.yaml`, `plan@quant.plan=integer`) by the row's sensitivity "
+                "(`fisher`: the empirical Fisher of the loss, `quant.plan.calibration_blocks=16 quant.plan.batch_size=1`, 16 blocks "
+                "of the training split one gradient each; `kl`: the KL to FP of that layer alone quantized, on 2 blocks); each run's "
+                "exact command is in `benchmarks/results/recipes.json`.")
     return "\n".join(rows)
 
 
@@ -430,7 +444,9 @@ def distill(r: dict) -> str:
     rows = ["| recipe | objective | steps | train time | held-out QAT | gap recovered vs FP / FP-ft | out-of-domain QAT | x FP "
             "| gap recovered vs FP / FP-ft |", "|---|---|---|---|---|---|---|---|---|"]
     for name in DISTILL:
-        runs = [e for k, e in r.items() if k.split(" ", 1)[0] == name and e.get("metrics") and not e["metrics"].get("quant", {}).get("rules")]
+        # the recipe's own grid only: a run with per-layer rules or another quant config belongs to another table
+        runs = [e for k, e in r.items() if k.split(" ", 1)[0] == name and e.get("metrics") and not e["metrics"].get("quant", {}).get("rules")
+                and not any(o.startswith(("quant=", "quant.")) for o in k.split()[1:])]
         for e in sorted(runs, key=lambda e: (_distilled(e), e["metrics"]["steps"])):
             m = e["metrics"]
             objective = "distillation (KL)" if _distilled(e) else "labels (CE)"

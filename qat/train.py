@@ -292,6 +292,7 @@ def run(cfg: DictConfig) -> float:
     )
     if plan is not None:
         metrics["plan"] = {k: v for k, v in plan.summary().items() if k in ("bits", "average_bits", "method")}
+        metrics["plan"]["layers_per_candidate"] = {c: sum(1 for x in plan.choice if plan.candidates[x] == c) for c in plan.candidates}
     for lg in loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, step=trainer.global_step)
         lg.finalize("success")

@@ -410,6 +410,8 @@ def mixed(r: dict) -> str:
                 verdict = "no uniform run to compare"
         rows.append(f"| {label} | {bits:.3f} | {'distillation' if kd else 'labels'} | {m['steps']} | {_num(m.get('ppl_ptq'))} | {_num(m.get('ppl_ptq_ood'))} | "
                     f"**{_num(m.get('ppl_qat'))}** | **{_num(m.get('ppl_qat_ood'))}** | {verdict} |")
+    rows.append("\nThe verdict compares a plan with the narrowest uniform run of at least its bits per weight; wider uniform "
+                "rows stay in the table and a plan claims nothing against them.")
     rows.append(f"\nEvery row one `qat-train recipe={MIXED_RECIPE}` run with the recipe's steps, schedule and objective "
                 "(`benchmarks/recipes.py " + MIXED_RECIPE + " -- quant.plan.bits=B` for a plan, `-- quant=NAME` for a uniform grid); "
                 "bits per weight count codes, scales, zero points and offsets (`qat.allocation`). The plan chooses per layer among "

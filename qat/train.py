@@ -393,6 +393,26 @@ def eval_device(cfg: DictConfig) -> str | None:
     return "cuda" if gpu and one_process and torch.cuda.is_available() else None
 
 
+def fp_finetune_settings(cfg: DictConfig) -> dict:
+    """Every setting the FP fine-tune depends on, and nothing else: the key of its cache entry.
+
+    The fine-tune trains every weight on the labels, so the run's objective and the learning rates
+    and weight decays of quantizer parameters and adapters (``optim.quant_*``, ``optim.adapter_*``),
+    which it has none of, and the step quantization starts at leave it unchanged: recipes that
+    differ only in those (CE and KD runs, LSQ and L4Q at one weight learning rate) train it once.
+    """
+    settings = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "optim", "module")}
+    settings["module"].pop("objective")
+    for key in ("quant_lr", "quant_weight_decay", "adapter_lr", "adapter_weight_decay"):
+        settings["optim"].pop(key, None)
+        settings["module"].pop(key, None)  # the module reads them from optim
+    settings["module"].pop("quant_delay_steps", None)
+    settings["chunk_tokens"] = cfg.module.objective.get("chunk_tokens")
+    settings["trainer"] = {k: cfg.trainer.get(k) for k in ("max_steps", "accumulate_grad_batches", "gradient_clip_val", "precision")}
+    settings.update(seed=cfg.seed, ood=cfg.eval.get("ood"))
+    return settings
+
+
 def fp_finetune(cfg: DictConfig, fp, datamodule, suite, tokenizer) -> dict:
     """The fair reference: the FP model trained with the run's data, steps, optimizer and schedule.
 
@@ -412,11 +432,8 @@ def fp_finetune(cfg: DictConfig, fp, datamodule, suite, tokenizer) -> dict:
     from qat.fp_reference import cached, fingerprint
     from qat.lit.objectives import CausalLM
 
-    settings = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "optim", "module")}
-    settings["module"].pop("objective")  # the fine-tune trains on labels whatever the run's objective (CE and KD runs share it)
-    settings["chunk_tokens"] = cfg.module.objective.get("chunk_tokens")
-    settings["trainer"] = {k: cfg.trainer.get(k) for k in ("max_steps", "accumulate_grad_batches", "gradient_clip_val", "precision")}
-    settings.update(seed=cfg.seed, ood=cfg.eval.get("ood"), tasks=list(suite.tasks), task_options=suite.task_options)
+    settings = fp_finetune_settings(cfg)
+    settings.update(tasks=list(suite.tasks), task_options=suite.task_options)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     key = fingerprint(fp, suite.heldout, suite.objective)[:32] + "-fp_ft-" + digest[:32]
 

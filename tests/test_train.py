@@ -326,6 +326,21 @@ def test_a_run_reports_both_texts_the_fp_fine_tune_and_tasks_and_qat_eval_repeat
         evaluate(tmp_path / "a" / "export")
 
 
+def test_the_fp_fine_tune_is_keyed_by_what_it_trains_on_and_with():
+    """Recipes that differ only in the objective or in quantizer and adapter learning rates share one FP
+    fine-tune; the weight learning rate, the steps and the data each give another."""
+    key = {name: train.fp_finetune_settings(compose([f"recipe={name}"])) for name in
+           ("smollm2_w4_l4q", "smollm2_w4_peqa", "smollm2_w4_lsq", "smollm2_w3_l4q", "smollm2_w3_qlora")}
+    assert key["smollm2_w4_l4q"] == key["smollm2_w4_peqa"]  # quant_lr 1e-4 for both, adapter_lr 3e-4 against none
+    assert key["smollm2_w3_l4q"] == key["smollm2_w3_qlora"]  # quant_lr 2e-4 against none
+    assert key["smollm2_w4_l4q"] != key["smollm2_w4_lsq"]  # weight lr 1e-4 against 2e-5
+    assert key["smollm2_w4_l4q"] != key["smollm2_w3_l4q"]  # 60 steps against 100
+    kd = train.fp_finetune_settings(compose(["recipe=smollm2_w4_lsq", "module.objective.kd_weight=1"]))
+    assert kd == key["smollm2_w4_lsq"]
+    other_data = train.fp_finetune_settings(compose(["recipe=smollm2_w4_lsq", "data.seq_len=128"]))
+    assert other_data != key["smollm2_w4_lsq"]
+
+
 def test_a_run_shorter_than_its_warmup_warms_up_over_all_its_steps(tmp_path, caplog):
     cfg = cfg_for(["recipe=smollm2_w4_lsq", "trainer.max_steps=2"], tmp_path)
     assert cfg.optim.scheduler.warmup_steps == 5

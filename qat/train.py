@@ -396,10 +396,11 @@ def eval_device(cfg: DictConfig) -> str | None:
 def fp_finetune_settings(cfg: DictConfig) -> dict:
     """Every setting the FP fine-tune depends on, and nothing else: the key of its cache entry.
 
-    The fine-tune trains every weight on the labels, so the run's objective and the learning rates
-    and weight decays of quantizer parameters and adapters (``optim.quant_*``, ``optim.adapter_*``),
-    which it has none of, and the step quantization starts at leave it unchanged: recipes that
-    differ only in those (CE and KD runs, LSQ and L4Q at one weight learning rate) train it once.
+    The fine-tune trains every weight on the labels and has no quantizers or adapters, so none of
+    these change it: the run's objective, the learning rates and weight decays of quantizer
+    parameters and adapters (``optim.quant_*``, ``optim.adapter_*``) and ``quant_delay_steps``.
+    Recipes that differ only in those (CE and KD runs, LSQ and L4Q at one weight learning rate)
+    train it once.
     """
     settings = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "optim", "module")}
     settings["module"].pop("objective")

@@ -102,7 +102,8 @@ def quantize_(
         UserError: a pattern that matches no layer, no layer selected, a group size that does not
             divide a layer's ``in_features``, a model already quantized, NaN/inf in a weight, a
             factory that does not build a Quantizer, a non-floating-point weight, a rule whose
-            pattern matches no selected layer or whose keys are not ``weight`` / ``activation``.
+            pattern matches no selected layer or whose keys are not ``weight`` / ``activation``, an
+            embedding quantizer that adds a bias (Tequila's dead zone: a lookup has no bias).
 
     Example:
         >>> from functools import partial
@@ -165,6 +166,10 @@ def quantize_(
         if wq is not None:
             latent = w if is_emb or not is_conv1d(module) else w.t()
             wq.check(latent.shape, name)
+            if is_emb and wq.bias(latent[:1].detach(), torch.zeros_like(latent[:1])) is not None:
+                raise UserError(f"{name}: the embedding quantizer {wq.extra_repr()} adds a per-row bias (Tequila's dead zone), "
+                                "which a table lookup cannot add, nor a head tied to the table; quantize the embedding "
+                                "without it (deadzone=null) or leave it float (embedding=None)")
             try:
                 wq.init_(latent)
             except UserError as e:  # NaN/inf in the weight: name the layer

@@ -94,6 +94,18 @@ def test_a_head_named_in_exclude_stays_float_beside_a_quantized_embedding():
     assert isinstance(m.embed, QuantEmbedding) and type(m.lm_head) is nn.Linear and m.lm_head.weight is m.embed.weight
 
 
+def test_an_embedding_quantizer_with_a_dead_zone_bias_is_refused():
+    # Tequila's bias is lam * (sum of the dead-zone weights) per output row: a lookup adds no bias, and the head tied to
+    # the table would add one the embedding lacks. Refused before any layer is swapped.
+    m = ToyLM()
+    before = snapshot(m)
+    with pytest.raises(UserError, match=r"embed: .*deadzone=null"):
+        qat.quantize_(m, weight=LSQ4, include="block.*", embedding=functools.partial(Ternary, deadzone="tequila"))
+    assert snapshot(m)[1] == before[1] and all(torch.equal(v, before[0][k]) for k, v in m.state_dict().items())
+    qat.quantize_(m, weight=LSQ4, include="block.*", embedding=functools.partial(Ternary))  # the same grid without it
+    assert isinstance(m.embed, QuantEmbedding) and m.lm_head.weight_quantizer is m.embed.weight_quantizer
+
+
 def test_quant_embedding_in_the_config_is_applied():
     from transformers import LlamaConfig, LlamaForCausalLM
 

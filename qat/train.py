@@ -46,6 +46,7 @@ def prepare(cfg: DictConfig) -> dict:
     if launch_rank() == 0:  # the ranks of a distributed run share the run directory
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)  # what qat-eval rebuilds the model from
     check_data(cfg)
+    check_objective(cfg)
     check_eval(cfg)
     quant = quantizer_factories(cfg)
     named = [(f"quant.{k}", f) for k, f in quant.items() if k != "rules"]
@@ -144,6 +145,21 @@ def check_data(cfg: DictConfig) -> None:
         resolve_source(cfg.data.source)
     except UserError as e:
         raise UserError(f"data: {e}") from None
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """``module.objective``: the kind of model it trains (``model.task``), its keys against its class and
+    its settings, before any model loads: a sentence-embedding objective on a causal LM is named here."""
+    from hydra.utils import get_class
+
+    cls = get_class(cfg.module.objective._target_)
+    tasks, task = getattr(cls, "model_tasks", None), cfg.model.get("task", "auto")
+    if tasks and task != "auto" and task not in tasks:
+        raise UserError(f"module.objective: {cls.__name__} trains a {' or '.join(tasks)} model, and model={cfg.model.name} "
+                        f"is a {task} model; pick the module for it (module=embedding_kd for sentence encoders, module=qat for "
+                        "causal LMs) or a recipe that sets both (recipe=minilm_w4_kd)")
+    check_arguments(make(cfg.module.objective, "module.objective", _partial_=True), "module.objective")
+    make(cfg.module.objective, "module.objective")  # its own checks (kd_weight in [0, 1], ...)
 
 
 def check_eval(cfg: DictConfig) -> None:

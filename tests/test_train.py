@@ -214,9 +214,12 @@ def test_cli_bad_input_is_one_clear_message(args, words, tmp_path):
         (["recipe=smollm2_w4_lsq", "eval.tasks=[hellaswagg]"], ["eval.tasks", "hellaswagg", "hellaswag"]),
         (["recipe=smollm2_w4_zo_scales", "eval.fp_finetune=true"], ["eval.fp_finetune", "module=zo"]),
         (["recipe=smollm2_w4_lsq", "+quant.weight.bitz=3"], ["quant.weight", "bitz", "qat.quantizers.lsq.LSQ"]),
+        (["module=embedding_kd"], ["module.objective", "EmbeddingDistill", "smollm2-135m is a causal-lm model", "recipe=minilm_w4_kd"]),
+        (["recipe=smollm2_w4_lsq", "+module.objective.kd_wieght=1"], ["module.objective", "kd_wieght", "qat.lit.objectives.CausalLM"]),
+        (["recipe=smollm2_w4_lsq", "module.objective.kd_weight=2"], ["module.objective", "kd_weight=2", "[0, 1]"]),
     ],
     ids=["bits-0", "missing-data", "group-size", "missing-ood", "unknown-task", "fp-finetune-forward-only",
-         "unexpected-quantizer-setting"],
+         "unexpected-quantizer-setting", "objective-for-another-model", "unexpected-objective-setting", "kd-weight-2"],
 )
 def test_each_mistake_in_a_run_is_a_user_error_that_names_it(args, words, tmp_path, monkeypatch):
     monkeypatch.setenv("QAT_TRACEBACK", "1")  # main re-raises the UserError instead of printing it and exiting

@@ -41,6 +41,7 @@ class CausalLM:
 
     metric = "ppl"
     higher_is_better = False
+    model_tasks = ("causal-lm",)  # the ``model.task`` values it trains (``qat.models.load_model``)
 
     def __init__(self, kd_weight: float = 0.0, temperature: float = 1.0, chunk_tokens: int | None = None):
         if chunk_tokens is not None and chunk_tokens <= 0:
@@ -101,6 +102,7 @@ class EmbeddingDistill:
 
     metric = "cos"
     higher_is_better = True
+    model_tasks = ("embedding", "encoder")
     needs_teacher = True
 
     def __call__(self, model, batch, teacher=None) -> tuple[torch.Tensor, dict]:

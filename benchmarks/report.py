@@ -321,10 +321,11 @@ def _backprop(recipe: str) -> bool:
 
 def headline(r: dict) -> str:
     """The README's short table: each recipe's default run measured on both texts with the FP fine-tuned reference, out of
-    domain first; the other runs (older, in-domain only) are in docs/RESULTS.md's full table."""
+    domain first; then, for each target missed, the variants of that recipe tried on the same grid (other steps or
+    objective) and how far each got out of domain. The other runs are in docs/RESULTS.md's full table."""
     rows = ["| recipe | weights | steps | out of domain: QAT (x FP) | gap recovered | held out: QAT (x FP) | FP fine-tuned: held out / OOD "
             "| target | met |", "|---|---|---|---|---|---|---|---|---|"]
-    older = []
+    older, missed = [], []
     for key, e in sorted(r.items(), key=_order):
         m = e.get("metrics")
         if " " in key or not m or "ppl_qat" not in m:
@@ -339,15 +340,38 @@ def headline(r: dict) -> str:
         goal = recipe_target(key)
         ok = target_met(goal, m, r) if goal else None
         met = "" if goal is None else "-" if ok is None else ("yes" if ok else "**no**")
+        if ok is False:
+            missed.append(f"`{key}` ({goal['what']}; default {_variant(e)}): " + (", ".join(_tried(key, r)) or "no variant yet"))
         gap = m.get("gap_recovered_ood")
         rows.append(f"| `{key}` | {_weights(m.get('quant', {}))} | {m['steps']} | **{cells[0]}** | {_num(gap, '.0%') if gap is not None else '-'} | "
                     f"{cells[1]} | {_num(m.get('ppl_fp_ft'))} / {_num(m.get('ppl_fp_ft_ood'))} | {goal['what'] if goal else ''} | {met} |")
     rows.append("\nPerplexity, SmolLM2-135M on 2 CPU cores; out of domain: Debian's licences, never trained on; gap recovered: "
                 "`(log PTQ - log QAT) / (log PTQ - log FP)` out of domain; FP fine-tuned: the FP model trained with the same data, steps "
-                "and schedule, the fair reference for a QAT result below FP. Measured before the out-of-domain text and the FP "
-                f"fine-tune existed, in-domain only, being re-measured: {', '.join(older)}. Every run, its FP fine-tuned reference "
-                "and the variants (what was tried where a target is missed): [docs/RESULTS.md](docs/RESULTS.md).")
+                "and schedule, the fair reference for a QAT result below FP (a forward-only recipe has none: that reference trains with backprop). "
+                + (f"Measured before the out-of-domain text and the FP fine-tune existed, in-domain only, being re-measured: "
+                   f"{', '.join(older)}. " if older else "")
+                + ("Targets missed, and what else was tried on the same grid (out of domain, x FP): " + "; ".join(missed) + ". "
+                   if missed else "")
+                + "Every run, its FP fine-tuned reference and the variants: [docs/RESULTS.md](docs/RESULTS.md).")
     return "\n".join(rows)
+
+
+def _variant(e: dict) -> str:
+    """``55 KD steps: 22.2x``: a run's steps, objective and out-of-domain perplexity over FP's."""
+    m = e["metrics"]
+    return f"{m['steps']} {'KD' if _distilled(e) else 'label'} steps: {m['ppl_qat_ood'] / m['ppl_fp_ood']:.1f}x"
+
+
+def _tried(recipe: str, r: dict) -> list[str]:
+    """The variants of ``recipe`` on its own grid (overrides that leave ``quant`` alone), each as ``_variant`` says."""
+    out = []
+    for key, e in sorted(r.items(), key=lambda kv: kv[1].get("metrics", {}).get("steps", 0)):
+        m = e.get("metrics") or {}
+        words = key.split(" ")
+        if words[0] != recipe or all(w.startswith("eval.") for w in words[1:]) or "quant" in key or m.get("ppl_qat_ood") is None:
+            continue  # the default itself, or the same training evaluated otherwise, or another grid
+        out.append(_variant(e))
+    return out
 
 
 def run_summary(r: dict) -> str:

@@ -38,3 +38,23 @@ def test_target_met_by_hand():
     assert report.target_met(other, {"ppl_qat": 19.9, "gap_recovered": 0.5}, runs) is True
     assert report.target_met(other, {"ppl_qat": 20.0, "gap_recovered": 0.9}, runs) is False  # 20 / 20 is not below 1
     assert report.target_met(other, {"ppl_qat": 19.0, "gap_recovered": 0.4}, runs) is False
+
+
+def test_the_headline_lists_what_was_tried_where_a_target_is_missed():
+    def run(steps, qat_ood, kd, **extra):
+        m = {"ppl_fp": 10.0, "ppl_fp_ood": 20.0, "ppl_qat": 50.0, "ppl_qat_ood": qat_ood, "ppl_fp_ft": 9.0, "ppl_fp_ft_ood": 30.0,
+             "gap_recovered_ood": 0.7, "steps": steps, "quant": {}, "objective": {"kd_weight": kd}, **extra}
+        return {"metrics": m}
+
+    runs = {"smollm2_ternary_seq": run(55, 440.0, 1.0),                          # 22x: its target (<= 4x FP) is missed
+            "smollm2_ternary_seq trainer.max_steps=120": run(120, 200.0, 1.0),   # 10x
+            "smollm2_ternary_seq eval.fp_finetune=false": run(55, 441.0, 1.0),   # the same training: not a variant
+            "smollm2_ternary_seq quant=ternary_absmean": run(55, 999.0, 1.0),    # another grid: not this target's variant
+            "smollm2_w4_lsq": run(60, 21.0, 0.0, gap_recovered_ood=0.95)}        # its target is met: nothing listed
+    text = report.headline(runs)
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == ["smollm2_ternary_seq", "smollm2_w4_lsq"]
+    assert "**no**" in rows[0] and rows[1].endswith("| yes |")
+    assert ("Targets missed, and what else was tried on the same grid (out of domain, x FP): `smollm2_ternary_seq` "
+            "(out of domain <= 4x FP; default 55 KD steps: 22.0x): 120 KD steps: 10.0x.") in text
+    assert "being re-measured" not in text

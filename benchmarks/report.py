@@ -357,9 +357,10 @@ def headline(r: dict) -> str:
 
 
 def _variant(e: dict) -> str:
-    """``55 KD steps: 22.2x``: a run's steps, objective and out-of-domain perplexity over FP's."""
+    """``55 KD steps (56k tokens): 22.2x``: a run's steps, objective, tokens and out-of-domain perplexity over FP's."""
     m = e["metrics"]
-    return f"{m['steps']} {'KD' if _distilled(e) else 'label'} steps: {m['ppl_qat_ood'] / m['ppl_fp_ood']:.1f}x"
+    tokens = f" ({m['tokens'] / 1000:.0f}k tokens)" if m.get("tokens") else ""
+    return f"{m['steps']} {'KD' if _distilled(e) else 'label'} steps{tokens}: {m['ppl_qat_ood'] / m['ppl_fp_ood']:.1f}x"
 
 
 def _tried(recipe: str, r: dict) -> list[str]:

@@ -43,7 +43,7 @@ def test_target_met_by_hand():
 def test_the_headline_lists_what_was_tried_where_a_target_is_missed():
     def run(steps, qat_ood, kd, **extra):
         m = {"ppl_fp": 10.0, "ppl_fp_ood": 20.0, "ppl_qat": 50.0, "ppl_qat_ood": qat_ood, "ppl_fp_ft": 9.0, "ppl_fp_ft_ood": 30.0,
-             "gap_recovered_ood": 0.7, "steps": steps, "quant": {}, "objective": {"kd_weight": kd}, **extra}
+             "gap_recovered_ood": 0.7, "steps": steps, "tokens": steps * 1024, "quant": {}, "objective": {"kd_weight": kd}, **extra}
         return {"metrics": m}
 
     runs = {"smollm2_ternary_seq": run(55, 440.0, 1.0),                          # 22x: its target (<= 4x FP) is missed
@@ -56,5 +56,5 @@ def test_the_headline_lists_what_was_tried_where_a_target_is_missed():
     assert [row.split("`")[1] for row in rows] == ["smollm2_ternary_seq", "smollm2_w4_lsq"]
     assert "**no**" in rows[0] and rows[1].endswith("| yes |")
     assert ("Targets missed, and what else was tried on the same grid (out of domain, x FP): `smollm2_ternary_seq` "
-            "(out of domain <= 4x FP; default 55 KD steps: 22.0x): 120 KD steps: 10.0x.") in text
+            "(out of domain <= 4x FP; default 55 KD steps (56k tokens): 22.0x): 120 KD steps (123k tokens): 10.0x.") in text
     assert "being re-measured" not in text

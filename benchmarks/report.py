@@ -414,8 +414,8 @@ def _candidates(key: str, plan: dict) -> list[str]:
     return list(OmegaConf.load(config_dir() / "plan" / f"{option}.yaml").candidates)
 
 
-def mixed(r: dict) -> str:
-    """Planned mixed precision (``quant.plan.bits``) against uniform grids, same recipe and budget, from ``recipes.json``."""
+def _mixed_runs(r: dict) -> list[tuple]:
+    """Every ``MIXED_RECIPE`` run measured on both texts whose bits per weight are known: ``(bits, plan, kd, metrics, key)``."""
     runs = []
     for key, e in r.items():
         m = e.get("metrics")
@@ -425,20 +425,37 @@ def mixed(r: dict) -> str:
         bits = plan["average_bits"] if plan else uniform_bits(m.get("quant", {}))
         if bits is not None:
             runs.append((bits, plan, _distilled(e), m, key))
+    return sorted(runs, key=lambda x: (x[0], x[2], x[3]["steps"]))
+
+
+def _uniform_match(run: tuple, runs: list[tuple]) -> list[dict]:
+    """The uniform runs a plan is matched against: the narrowest grid of at least its bits, same objective and steps."""
+    bits, _, kd, m, _ = run
+    wider = [x for x in runs if not x[1] and x[0] >= bits - 1e-9 and x[2] == kd and x[3]["steps"] == m["steps"]]
+    return [x[3] for x in wider if x[0] == min(u[0] for u in wider)]
+
+
+def _beats(m: dict, uniform: list[dict]) -> list[bool]:
+    """[PTQ, QAT]: the plan's perplexity below every matched uniform run's on both texts."""
+    return [all(m[f"ppl_{s}{t}"] < u[f"ppl_{s}{t}"] for u in uniform for t in ("", "_ood")) for s in ("ptq", "qat")]
+
+
+def _plan_label(key: str, plan: dict) -> str:
+    return f"plan at {plan['bits']} ({plan['method']}; {', '.join(_candidates(key, plan))})"
+
+
+def mixed(r: dict) -> str:
+    """Planned mixed precision (``quant.plan.bits``) against uniform grids, same recipe and budget, from ``recipes.json``."""
+    runs = _mixed_runs(r)
     rows = ["| weights | bits per weight | objective | steps | PTQ held out | PTQ out of domain | QAT held out | QAT out of domain | "
             "beats the uniform grid of the same or the next larger width (PTQ / QAT, both texts) |", "|---|---|---|---|---|---|---|---|---|"]
-    for bits, plan, kd, m, key in sorted(runs, key=lambda x: (x[0], x[2], x[3]["steps"])):
-        label = f"plan at {plan['bits']} ({plan['method']}; {', '.join(_candidates(key, plan))})" if plan else _weights(m.get("quant", {}))
+    for run in runs:
+        bits, plan, kd, m, key = run
+        label = _plan_label(key, plan) if plan else _weights(m.get("quant", {}))
         verdict = ""
         if plan:
-            wider = [x for x in runs if not x[1] and x[0] >= bits - 1e-9 and x[2] == kd and x[3]["steps"] == m["steps"]]
-            # the uniform grid of the same or the next larger width: the one the plan's budget is matched against
-            wider = [x[3] for x in wider if x[0] == min(u[0] for u in wider)]
-            if wider:
-                ok = [all(m[f"ppl_{s}{t}"] < u[f"ppl_{s}{t}"] for u in wider for t in ("", "_ood")) for s in ("ptq", "qat")]
-                verdict = " / ".join("yes" if x else "**no**" for x in ok)
-            else:
-                verdict = "no uniform run to compare"
+            uniform = _uniform_match(run, runs)
+            verdict = " / ".join("yes" if x else "**no**" for x in _beats(m, uniform)) if uniform else "no uniform run to compare"
         rows.append(f"| {label} | {bits:.3f} | {'distillation' if kd else 'labels'} | {m['steps']} | {_num(m.get('ppl_ptq'))} | {_num(m.get('ppl_ptq_ood'))} | "
                     f"**{_num(m.get('ppl_qat'))}** | **{_num(m.get('ppl_qat_ood'))}** | {verdict} |")
     rows.append("\nThe verdict compares a plan with the narrowest uniform run of at least its bits per weight; wider uniform "
@@ -451,6 +468,43 @@ def mixed(r: dict) -> str:
                 "(`fisher`: the empirical Fisher of the loss, `quant.plan.calibration_blocks=16 quant.plan.batch_size=1`, 16 blocks "
                 "of the training split one gradient each; `kl`: the KL to FP of that layer alone quantized, on 2 blocks); each run's "
                 "exact command is in `benchmarks/results/recipes.json`.")
+    return "\n".join(rows)
+
+
+def mixed_short(r: dict) -> str:
+    """The README's mixed-precision table: each plan after QAT against the uniform grid it is matched with (``_uniform_match``)."""
+    runs = _mixed_runs(r)
+    rows = ["| budget | plan | uniform grid matched (bits) | PTQ, plan / uniform: held out, OOD | QAT, plan / uniform: held out, OOD | "
+            "plan wins (PTQ / QAT) |", "|---|---|---|---|---|---|"]
+    for run in runs:
+        bits, plan, kd, m, key = run
+        if not plan:
+            continue
+        uniform = _uniform_match(run, runs)
+        if not uniform:
+            continue
+        u = uniform[0]
+        cells = [", ".join(f"{_num(m[f'ppl_{s}{t}'])} / {_num(u[f'ppl_{s}{t}'])}" for t in ("", "_ood")) for s in ("ptq", "qat")]
+        ok = _beats(m, uniform)
+        rows.append(f"| {plan['bits']} | {plan['method']}, {'distillation' if kd else 'labels'} {m['steps']} steps | "
+                    f"{_weights(u.get('quant', {}))} ({uniform_bits(u['quant']):.3f}) | {cells[0]} | **{cells[1]}** | "
+                    f"{' / '.join('yes' if x else '**no**' for x in ok)} |")
+    wider = []  # a winning plan's narrowest wider uniform grid (within half a bit of its budget) that beats it after QAT: said
+    for run in runs:
+        bits, plan, kd, m, key = run
+        matched = _uniform_match(run, runs) if plan else []
+        if not matched or not all(_beats(m, matched)):
+            continue
+        beaten_by = [x for x in runs if not x[1] and x[2] == kd and x[3]["steps"] == m["steps"] and x[0] < bits + 0.5
+                     and x[0] > uniform_bits(matched[0]["quant"]) + 1e-9 and any(x[3][f"ppl_qat{t}"] < m[f"ppl_qat{t}"] for t in ("", "_ood"))]
+        if beaten_by:  # runs are sorted by bits: the narrowest first
+            ub, u = beaten_by[0][0], beaten_by[0][3]
+            wider.append(f"{_weights(u['quant'])} ({ub:.3f} bits: {_num(u['ppl_qat'])}, {_num(u['ppl_qat_ood'])}) beats "
+                         f"the {plan['method']} plan at {plan['bits']}")
+    rows.append("\nSmolLM2-135M, perplexity, 2 CPU cores; each plan against the narrowest uniform grid of at least its bits per weight "
+                "(scales and zero points counted), same recipe, objective and steps. "
+                + ("A wider uniform grid can still win: " + "; ".join(wider) + ". " if wider else "")
+                + "Candidates, every grid and the commands: [docs/RESULTS.md](docs/RESULTS.md#mixed-precision).")
     return "\n".join(rows)
 
 
@@ -493,13 +547,15 @@ def distill(r: dict) -> str:
     return "\n".join(rows)
 
 
-SOURCES = {"distill": "recipes", "headline": "recipes", "run_summary": "recipes", "mixed": "recipes"}  # tables rendered from another table's results file
+# tables rendered from another table's results file
+SOURCES = {"distill": "recipes", "headline": "recipes", "run_summary": "recipes", "mixed": "recipes", "mixed_short": "recipes"}
 
 TABLES = {
     "recipes": recipes,
     "distill": distill,
     "headline": headline,
     "mixed": mixed,
+    "mixed_short": mixed_short,
     "run_summary": run_summary,
     "deadzone": deadzone,
     "deadzone_lam": deadzone_lam,

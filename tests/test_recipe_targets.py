@@ -58,3 +58,29 @@ def test_the_headline_lists_what_was_tried_where_a_target_is_missed():
     assert ("Targets missed, and what else was tried on the same grid (out of domain, x FP): `smollm2_ternary_seq` "
             "(out of domain <= 4x FP; default 55 KD steps (56k tokens): 22.0x): 120 KD steps (123k tokens): 10.0x.") in text
     assert "being re-measured" not in text
+
+
+def test_mixed_tables_match_a_plan_with_the_narrowest_uniform_grid_of_at_least_its_bits():
+    def run(held, ood, ptq=(100.0, 200.0), plan=None, weight=None):
+        m = {"ppl_ptq": ptq[0], "ppl_ptq_ood": ptq[1], "ppl_qat": held, "ppl_qat_ood": ood, "steps": 90,
+             "objective": {"kd_weight": 1.0}, "quant": {"weight": weight} if weight else {"rules": [{"pattern": "*"}]}}
+        if plan:
+            m["plan"] = {"bits": plan, "average_bits": plan, "method": "kl", "layers_per_candidate": {"w2": 1, "w3": 1}}
+        return {"metrics": m}
+
+    w3 = {"_target_": "qat.quantizers.LSQ", "bits": 3, "granularity": "group"}
+    runs = {"smollm2_w2_lsq quant.plan.bits=3.0": run(21.0, 52.0, ptq=(280.0, 420.0), plan=3.0),
+            "smollm2_w2_lsq quant=w3_lsq quant.weight.group_size=192": run(22.0, 54.0, ptq=(500.0, 600.0), weight={**w3, "group_size": 192}),
+            "smollm2_w2_lsq quant=w3_lsq": run(20.0, 42.0, ptq=(160.0, 190.0), weight={**w3, "group_size": 64}),
+            "smollm2_w2_lsq quant=w4_lsq": run(15.0, 30.0, weight={**w3, "bits": 4, "group_size": 32})}  # 4.5 bits: not said
+    assert report.uniform_bits(runs["smollm2_w2_lsq quant=w3_lsq"]["metrics"]["quant"]) == 3 + 16 / 64  # by hand
+    short = report.mixed_short(runs)
+    rows = [line for line in short.splitlines() if line.startswith("| 3.0")]
+    # matched with g192 (3.083 bits, the narrowest of at least 3.0), not g64 (3.25): it wins on both texts, PTQ and QAT
+    assert rows == ["| 3.0 | kl, distillation 90 steps | LSQ w3 g192 (3.083) | 280 / 500, 420 / 600 | **21 / 22, 52 / 54** | yes / yes |"]
+    assert "A wider uniform grid can still win: LSQ w3 g64 (3.250 bits: 20, 42) beats the kl plan at 3.0." in short
+    assert "w4" not in short
+    full = report.mixed(runs)
+    assert "| plan at 3.0 (kl; w2, w3) | 3.000 | distillation | 90 | 280 | 420 | **21** | **52** | yes / yes |" in full
+    runs["smollm2_w2_lsq quant.plan.bits=3.0"]["metrics"]["ppl_qat_ood"] = 55.0  # loses out of domain after QAT
+    assert report.mixed_short(runs).splitlines()[2].endswith("| yes / **no** |")

@@ -7,7 +7,7 @@ embeddings and the tied head stay float), one row per method, every row trained 
 
 * ours: the recipe as ``qat-train`` builds it: ``smollm2_nvfp4`` (``qat.quantizers.FP4``, NVFP4:
   E2M1 in blocks of 16, E4M3 block scales under an FP32 power-of-two tensor scale, block scales
-  learned by Dual-LSQ) and ``smollm2_mxfp4`` (MXFP4: blocks of 32, E8M0 scales learned by LSQ);
+  learned by Dual-LSQ) and ``smollm2_mxfp4`` (MXFP4: blocks of 32, E8M0 scales, Dual-LSQ as well);
 * torchao: its fake quantizer of the same format in the same recipe's model and module (same
   AdamW settings and schedule; torchao's FP4 fake quantizers hold no parameters: every weight is
   in the recipe's weight group): NVFP4 ``NVFP4FakeQuantizeConfig(use_per_tensor_scale=True)``
@@ -67,7 +67,7 @@ TORCHAO = {
     "mxfp4": (("torchao", "torchao MXFP4 (FLOOR scales, as ours)", {"scaling_mode": "FLOOR"}),
               ("torchao_rceil", "torchao MXFP4 (RCEIL scales, its default)", {"scaling_mode": "RCEIL"})),
 }
-OURS_LABEL = {"nvfp4": "ours: NVFP4, Dual-LSQ block scales", "mxfp4": "ours: MXFP4, LSQ block scales"}
+OURS_LABEL = {"nvfp4": "ours: NVFP4, Dual-LSQ block scales", "mxfp4": "ours: MXFP4, Dual-LSQ block scales"}
 TEXTS = ("heldout", "ood")
 PRESETS = pa.PRESETS
 NOTES = [
@@ -250,6 +250,21 @@ def run_row(cfg, build, heldout, ood, eval_steps) -> dict:
 # ---------------------------------------------------------------- summary
 
 
+def merged_rows(prior: dict | None, fk: str, f: dict, fp: dict, args) -> dict:
+    """``--merge``: the rows an earlier invocation measured for format ``fk``, when its settings, FP and RTN perplexities
+    are this run's (the batches are deterministic, so they are the same up to float noise); {} without ``--merge``."""
+    if not prior or fk not in prior.get("formats", {}):
+        return {}
+    old, s = prior["formats"][fk], prior["settings"]
+    same = (old["steps"] == f["steps"] and s["batch"] == args.batch and s["seq_len"] == args.seq_len and s["seed"] == args.seed
+            and s["heldout_blocks"] == args.heldout_blocks)
+    close = all(abs(old["rtn"][t] / f["rtn"][t] - 1) < 1e-4 and abs(prior["fp"][t] / fp[t] - 1) < 1e-4 for t in TEXTS)
+    if not (same and close):
+        raise SystemExit(f"--merge: {args.out}'s {fk} rows were measured with other settings or another FP/RTN model "
+                         f"(steps {old['steps']}, batch {s['batch']} x {s['seq_len']}, seed {s['seed']}); use another --out")
+    return {k: {**r, "merged_from": prior.get("finished") or "an earlier invocation"} for k, r in old["rows"].items()}
+
+
 def summarise(fmt: dict, fp: dict) -> None:
     """Ratios and gaps of every row of one format, in place."""
     for r in fmt["rows"].values():
@@ -352,6 +367,8 @@ def main() -> int:
     keys = sorted({"ours"} | {k for rows in TORCHAO.values() for k, _, _ in rows})
     parser.add_argument("--methods", help="comma-separated row keys among " + ",".join(keys))
     parser.add_argument("--out", type=Path, default=RESULTS / "peers_fp4.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of --out that this run does not measure (same preset, settings, FP and RTN perplexities)")
     args = parser.parse_args()
     name = "full" if args.full else "quick"
     for k, v in PRESETS[name].items():
@@ -372,6 +389,14 @@ def main() -> int:
     from qat.train import ptq_factory
 
     ao_version, ao_missing = pa.prepare(args, parser)
+
+    prior = None
+    if args.merge and args.out.exists():
+        import json
+
+        prior = json.loads(args.out.read_text())
+        if prior.get("preset") != name:
+            parser.error(f"--merge: {args.out} holds the {prior.get('preset')} preset, this run is {name}; use another --out")
 
     t_start = time.perf_counter()
     args.run_root = tempfile.mkdtemp(prefix="peers_fp4-")  # the trainers' default_root_dir (they write nothing)
@@ -409,6 +434,7 @@ def main() -> int:
         f = {"recipe": recipe, "rtn_scales": scales_name(factory().rtn()).split(" (")[0], "rtn": rtn, "steps": steps,
              "tokens": steps * args.batch * args.seq_len, "rows": {}}
         result["formats"][fk] = f
+        earlier = merged_rows(prior, fk, f, fp, args)
         rows = [("ours", OURS_LABEL[fk], build_ours)]
         rows += [(key, label, (lambda c, o=options, x=fk: build_torchao(c, x, o))) for key, label, options in TORCHAO[fk]]
         for key, label, build in rows:
@@ -428,16 +454,30 @@ def main() -> int:
                     failed.append(f"{fk}/{key}")
             gc.collect()
             f["rows"][key] = {"label": label, **row, "seconds": time.perf_counter() - t0}
+            earlier.pop(key, None)
             qat_ppl = {t: row.get("texts", {}).get(t, {}).get("qat") for t in TEXTS}
             print(f"{fk} {label}: held out {fmt_num(qat_ppl['heldout'])}, out of domain {fmt_num(qat_ppl['ood'])} "
                   f"({row['status']}, {time.perf_counter() - t0:.0f} s)", flush=True)
+        for key, row in earlier.items():  # --merge: what an earlier invocation measured and this one did not
+            f["rows"][key] = row
+        f["rows"] = {k: f["rows"][k] for k in ["ours"] + [t[0] for t in TORCHAO[fk]] if k in f["rows"]}
         summarise(f, fp)
         result["targets"][fk] = target(f)
+    for fk, f in (prior or {}).get("formats", {}).items():  # --merge: formats this run did not measure
+        if fk not in result["formats"]:
+            result["formats"][fk], result["targets"][fk] = f, prior["targets"][fk]
+            steps_used[fk] = f["steps"]
+    result["formats"] = {fk: result["formats"][fk] for fk in FORMATS if fk in result["formats"]}
+    result["targets"] = {fk: result["targets"][fk] for fk in FORMATS if fk in result["targets"]}
+    steps_used = {fk: steps_used[fk] for fk in FORMATS if fk in steps_used}
+    expected = {fk: ["ours"] + [t[0] for t in TORCHAO[fk]] for fk in FORMATS}
+    result["partial"] = any(k not in result["formats"].get(fk, {}).get("rows", {}) for fk, keys in expected.items() for k in keys)
 
     result["settings"] = {"steps": steps_used, "batch": args.batch, "seq_len": args.seq_len, "heldout_blocks": args.heldout_blocks,
                           "heldout_tokens": int(heldout.numel()), "ood_tokens": int(ood.numel()), "ood_source": first.eval.ood,
                           "train_blocks": n_train, "eval_every": args.eval_every, "seed": args.seed, "threads": args.threads,
                           "grad_clip": first.trainer.get("gradient_clip_val")}
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     pa.save(result, args, t_start)
     print("\n" + table(result))
     print(f"\n{result['seconds']:.0f} s -> {args.out}")

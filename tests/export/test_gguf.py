@@ -316,6 +316,21 @@ def test_mxfp4_blocks_by_hand_against_gguf_dequantize():
     assert back[0, 48].item() == 0.0 and not torch.signbit(back[0, 48])  # -0 reads back as +0 (equal values)
 
 
+def test_mxfp4_dual_lsq_exports_its_post_scale_and_the_codes_its_pre_scale_picked():
+    # the recipe's mode (smollm2_mxfp4): codes chosen under a continuous pre-scale, stored under the power-of-two post-scale
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) * 0.05
+    q = FP4("mxfp4", scale="dual_lsq").init_(w)
+    with torch.no_grad():
+        q.scale.mul_(1.3)        # pre-scales off the grid: other codes than min-max's
+        q.scale_post[0, 1] *= 2  # one stored scale a power of two up
+    q.eval()
+    codes = q.codes(w)
+    assert not torch.equal(codes.codes, FP4("mxfp4").init_(w).codes(w).codes)
+    raw = qgguf.encode(codes, (4, 64), qgguf.ggml_type(codes, 64))
+    back = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.MXFP4))
+    assert torch.equal(back, q(w))
+
+
 def test_mxfp4_minmax_blocks_are_the_bytes_gguf_py_quantizes():
     # gguf-py's own MXFP4 quantizer, given our fake-quant values (on the grid already), finds the same
     # exponent and codes (its -0 is +0): the two layouts agree byte for byte

@@ -39,7 +39,7 @@ Writes two results files (``QAT_BENCH_RESULTS`` moves the folder):
 
 ``--format nvfp4`` / ``--format mxfp4`` (default ``int4``: everything above) times the same three
 variants with FP4 weights instead: ``ours`` the format recipe's quantizers (``smollm2_nvfp4``: NVFP4
-with Dual-LSQ block scales, ``smollm2_mxfp4``: MXFP4 with LSQ block scales, put in by
+with Dual-LSQ block scales, ``smollm2_mxfp4``: MXFP4 with Dual-LSQ block scales, put in by
 ``qat.config.quantize`` as ``qat-train`` does), ``torchao`` its fake quantizer of the format
 (``peers_fp4.torchao_fp4``, the first torchao row of ``peers_fp4.TORCHAO``); time only, written to
 ``benchmarks/results/overhead_FORMAT.json`` (same keys as ``peers_overhead.json``, plus ``format``).

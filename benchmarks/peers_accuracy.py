@@ -682,6 +682,9 @@ def main() -> None:
     from qat.train import ptq_factory
 
     ao_version, ao_missing = prepare(args, parser)
+    torchao_rows = {k for k, _ in TORCHAO} | {k for k, _, _ in TORCHAO_TERNARY}
+    if ao_missing and (methods is None or methods & torchao_rows):  # said before the rows' minutes of training, not after
+        parser.error(f"{ao_missing}, or leave torchao's rows out with --methods")
 
     t_start = time.perf_counter()
     args.run_root = tempfile.mkdtemp(prefix="peers_accuracy-")  # the trainers' default_root_dir (they write nothing: no logger, no checkpoint)

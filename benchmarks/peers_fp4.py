@@ -389,6 +389,8 @@ def main() -> int:
     from qat.train import ptq_factory
 
     ao_version, ao_missing = pa.prepare(args, parser)
+    if ao_missing and (methods is None or any(k.startswith("torchao") for k in methods)):  # before the 15-25 min a row costs
+        parser.error(f"{ao_missing}, or measure our rows alone with --methods ours (a later --merge adds torchao's)")
 
     prior = None
     if args.merge and args.out.exists():

@@ -152,6 +152,39 @@ def peers_fp4(r: dict) -> str:
     return table(r) + ("\n\nA partial run (`--only` / `--methods`): not every format or method." if r.get("partial") else "")
 
 
+def peers_fp4_short(r: dict) -> str:
+    """The README's FP4 table: per format, ours against torchao's best row on both texts, and the step cost of each
+    (``overhead_FORMAT.json``, ``benchmarks/overhead.py --format FORMAT``)."""
+    rows = ["| format | method | held out: RTN -> QAT | out of domain: RTN -> QAT | gap recovered (held out / OOD) | step x none |",
+            "|---|---|---|---|---|---|"]
+    fp = r["fp"]
+    for fk, f in r["formats"].items():
+        over = RESULTS / f"overhead_{fk}.json"
+        cost = json.loads(over.read_text()) if over.exists() else {}
+        ao = [k for k, row in f["rows"].items() if k.startswith("torchao") and row.get("status") == "ok"]
+        best = min(ao, key=lambda k: f["rows"][k]["texts"]["ood"]["qat"]) if ao else None
+        for key in ("ours", best):
+            row = f["rows"].get(key) if key else None
+            if not row or row.get("status") != "ok":
+                continue
+            t = row["texts"]
+            step = cost.get(f"{'ours' if key == 'ours' else 'torchao'}_over_fp")
+            rows.append(f"| {fk} | {row['label']} | {_num(f['rtn']['heldout'])} -> **{_num(t['heldout']['qat'])}** | "
+                        f"{_num(f['rtn']['ood'])} -> **{_num(t['ood']['qat'])}** | {_num(t['heldout']['gap_recovered'], '.0%')} / "
+                        f"{_num(t['ood']['gap_recovered'], '.0%')} | {_ratio(step)} |")
+    s = r["settings"]
+    verdicts = "; ".join(f"{fk}: {'ours ahead on both texts' if t.get('met') else 'not ahead on both texts' if t.get('met') is False else 'not measured'}"
+                         for fk, t in r["targets"].items())
+    rows.append(f"\nSmolLM2-135M, FP4 weights on the 210 decoder linears, {s['batch']} x {s['seq_len']} tokens a step, "
+                f"steps {', '.join(f'{k} {v}' for k, v in s['steps'].items())}, same batches and seed for every row; FP {_num(fp['heldout'])} "
+                f"held out, {_num(fp['ood'])} out of domain ({s['heldout_tokens']} tokens each); gap recovered from the format's "
+                f"min-max round-to-nearest (RTN) to FP (above 100%: below FP, the training text's doing, alike for every row); step x none: "
+                f"a training step's time over the unquantized model's, interleaved (`benchmarks/overhead.py --format F`). {verdicts}. "
+                f"`.venv/bin/python benchmarks/peers_fp4.py"
+                f"{' --full' if r.get('preset') == 'full' else ''}`; every row and torchao's setup: [docs/RESULTS.md](docs/RESULTS.md#fp4-against-torchao).")
+    return "\n".join(rows)
+
+
 def deadzone(r: dict) -> str:
     import sys
 
@@ -548,7 +581,7 @@ def distill(r: dict) -> str:
 
 
 # tables rendered from another table's results file
-SOURCES = {"distill": "recipes", "headline": "recipes", "run_summary": "recipes", "mixed": "recipes", "mixed_short": "recipes"}
+SOURCES = {"distill": "recipes", "headline": "recipes", "run_summary": "recipes", "mixed": "recipes", "mixed_short": "recipes", "peers_fp4_short": "peers_fp4"}
 
 TABLES = {
     "recipes": recipes,
@@ -568,6 +601,7 @@ TABLES = {
     "export_size": export_size,
     "peers_accuracy": peers_accuracy,
     "peers_fp4": peers_fp4,
+    "peers_fp4_short": peers_fp4_short,
     "overhead_nvfp4": overhead_fp4,
     "overhead_mxfp4": overhead_fp4,
 }

@@ -225,9 +225,12 @@ def _weights(quant: dict) -> str:
     group = f"g{w['group_size']}" if w.get("granularity") == "group" else w.get("granularity", "")
     if name == "Ternary":
         return " ".join(p for p in ("ternary", w.get("method", ""), group, w.get("deadzone") or "") if p)
+    a = quant.get("activation")
+    if name in ("FP4", "FP8"):  # floating point: the format names the grid
+        act = f" + a {a.get('format', '')}" if a else ""
+        return f"{w.get('format', name)} {w.get('scale', '')}".strip().replace("_", "-") + act
     bits = f"w{w.get('bits')}"
     parts = [name, w.get("method", ""), bits, "asym" if w.get("symmetric") is False or w.get("offset") else "", group, w.get("deadzone") or ""]
-    a = quant.get("activation")
     if a:
         parts.append(f"+ a{a.get('bits')} {a.get('_target_', '').rsplit('.', 1)[-1]}")
     return " ".join(p for p in parts if p)

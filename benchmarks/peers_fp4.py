@@ -250,18 +250,30 @@ def run_row(cfg, build, heldout, ood, eval_steps) -> dict:
 # ---------------------------------------------------------------- summary
 
 
+def row_keys(fk: str) -> list[str]:
+    """A format's rows, in table order: ours, then torchao's."""
+    return ["ours"] + [key for key, _, _ in TORCHAO[fk]]
+
+
+def merge_settings_differ(prior: dict, args, preset: str) -> str | None:
+    """``--merge``: what differs between the results file's settings and this run's (checked before any training)."""
+    s = prior.get("settings", {})
+    ours = {"preset": preset, "batch": args.batch, "seq_len": args.seq_len, "seed": args.seed, "heldout_blocks": args.heldout_blocks}
+    theirs = {**s, "preset": prior.get("preset")}
+    diff = [f"{k} {theirs.get(k)} there, {v} here" for k, v in ours.items() if theirs.get(k) != v]
+    return "; ".join(diff) or None
+
+
 def merged_rows(prior: dict | None, fk: str, f: dict, fp: dict, args) -> dict:
-    """``--merge``: the rows an earlier invocation measured for format ``fk``, when its settings, FP and RTN perplexities
-    are this run's (the batches are deterministic, so they are the same up to float noise); {} without ``--merge``."""
+    """``--merge``: the rows an earlier invocation measured for format ``fk``, when its steps, FP and RTN perplexities are
+    this run's (the batches are deterministic, so they agree up to float noise); {} without ``--merge``."""
     if not prior or fk not in prior.get("formats", {}):
         return {}
-    old, s = prior["formats"][fk], prior["settings"]
-    same = (old["steps"] == f["steps"] and s["batch"] == args.batch and s["seq_len"] == args.seq_len and s["seed"] == args.seed
-            and s["heldout_blocks"] == args.heldout_blocks)
+    old = prior["formats"][fk]
     close = all(abs(old["rtn"][t] / f["rtn"][t] - 1) < 1e-4 and abs(prior["fp"][t] / fp[t] - 1) < 1e-4 for t in TEXTS)
-    if not (same and close):
-        raise SystemExit(f"--merge: {args.out}'s {fk} rows were measured with other settings or another FP/RTN model "
-                         f"(steps {old['steps']}, batch {s['batch']} x {s['seq_len']}, seed {s['seed']}); use another --out")
+    if old["steps"] != f["steps"] or not close:
+        raise SystemExit(f"--merge: {args.out}'s {fk} rows were measured with {old['steps']} steps or another FP/RTN model "
+                         f"(RTN {old['rtn']}, here {f['rtn']}); use another --out")
     return {k: {**r, "merged_from": prior.get("finished") or "an earlier invocation"} for k, r in old["rows"].items()}
 
 
@@ -397,8 +409,9 @@ def main() -> int:
         import json
 
         prior = json.loads(args.out.read_text())
-        if prior.get("preset") != name:
-            parser.error(f"--merge: {args.out} holds the {prior.get('preset')} preset, this run is {name}; use another --out")
+        differ = merge_settings_differ(prior, args, name)
+        if differ:
+            parser.error(f"--merge: {args.out} was measured with other settings ({differ}); use another --out")
 
     t_start = time.perf_counter()
     args.run_root = tempfile.mkdtemp(prefix="peers_fp4-")  # the trainers' default_root_dir (they write nothing)
@@ -462,7 +475,7 @@ def main() -> int:
                   f"({row['status']}, {time.perf_counter() - t0:.0f} s)", flush=True)
         for key, row in earlier.items():  # --merge: what an earlier invocation measured and this one did not
             f["rows"][key] = row
-        f["rows"] = {k: f["rows"][k] for k in ["ours"] + [t[0] for t in TORCHAO[fk]] if k in f["rows"]}
+        f["rows"] = {k: f["rows"][k] for k in row_keys(fk) if k in f["rows"]}
         summarise(f, fp)
         result["targets"][fk] = target(f)
     for fk, f in (prior or {}).get("formats", {}).items():  # --merge: formats this run did not measure
@@ -472,8 +485,7 @@ def main() -> int:
     result["formats"] = {fk: result["formats"][fk] for fk in FORMATS if fk in result["formats"]}
     result["targets"] = {fk: result["targets"][fk] for fk in FORMATS if fk in result["targets"]}
     steps_used = {fk: steps_used[fk] for fk in FORMATS if fk in steps_used}
-    expected = {fk: ["ours"] + [t[0] for t in TORCHAO[fk]] for fk in FORMATS}
-    result["partial"] = any(k not in result["formats"].get(fk, {}).get("rows", {}) for fk, keys in expected.items() for k in keys)
+    result["partial"] = any(k not in result["formats"].get(fk, {}).get("rows", {}) for fk in FORMATS for k in row_keys(fk))
 
     result["settings"] = {"steps": steps_used, "batch": args.batch, "seq_len": args.seq_len, "heldout_blocks": args.heldout_blocks,
                           "heldout_tokens": int(heldout.numel()), "ood_tokens": int(ood.numel()), "ood_source": first.eval.ood,

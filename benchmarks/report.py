@@ -476,6 +476,10 @@ def _beats(m: dict, uniform: list[dict]) -> list[bool]:
     return [all(m[f"ppl_{s}{t}"] < u[f"ppl_{s}{t}"] for u in uniform for t in ("", "_ood")) for s in ("ptq", "qat")]
 
 
+def _verdict(ok: list[bool]) -> str:
+    return " / ".join("yes" if x else "**no**" for x in ok)
+
+
 def _plan_label(key: str, plan: dict) -> str:
     return f"plan at {plan['bits']} ({plan['method']}; {', '.join(_candidates(key, plan))})"
 
@@ -491,7 +495,7 @@ def mixed(r: dict) -> str:
         verdict = ""
         if plan:
             uniform = _uniform_match(run, runs)
-            verdict = " / ".join("yes" if x else "**no**" for x in _beats(m, uniform)) if uniform else "no uniform run to compare"
+            verdict = _verdict(_beats(m, uniform)) if uniform else "no uniform run to compare"
         rows.append(f"| {label} | {bits:.3f} | {'distillation' if kd else 'labels'} | {m['steps']} | {_num(m.get('ppl_ptq'))} | {_num(m.get('ppl_ptq_ood'))} | "
                     f"**{_num(m.get('ppl_qat'))}** | **{_num(m.get('ppl_qat_ood'))}** | {verdict} |")
     rows.append("\nThe verdict compares a plan with the narrowest uniform run of at least its bits per weight; wider uniform "
@@ -508,34 +512,27 @@ def mixed(r: dict) -> str:
 
 
 def mixed_short(r: dict) -> str:
-    """The README's mixed-precision table: each plan after QAT against the uniform grid it is matched with (``_uniform_match``)."""
+    """The README's mixed-precision table: each plan after QAT against the uniform grid it is matched with (``_uniform_match``);
+    under it, for a plan that wins, the narrowest wider uniform grid (within half a bit of its budget) that still beats it."""
     runs = _mixed_runs(r)
     rows = ["| budget | plan | uniform grid matched (bits) | PTQ, plan / uniform: held out, OOD | QAT, plan / uniform: held out, OOD | "
             "plan wins (PTQ / QAT) |", "|---|---|---|---|---|---|"]
+    wider = []
     for run in runs:
         bits, plan, kd, m, key = run
-        if not plan:
-            continue
-        uniform = _uniform_match(run, runs)
+        uniform = _uniform_match(run, runs) if plan else []
         if not uniform:
             continue
-        u = uniform[0]
+        u, ub = uniform[0], uniform_bits(uniform[0]["quant"])
         cells = [", ".join(f"{_num(m[f'ppl_{s}{t}'])} / {_num(u[f'ppl_{s}{t}'])}" for t in ("", "_ood")) for s in ("ptq", "qat")]
         ok = _beats(m, uniform)
         rows.append(f"| {plan['bits']} | {plan['method']}, {'distillation' if kd else 'labels'} {m['steps']} steps | "
-                    f"{_weights(u.get('quant', {}))} ({uniform_bits(u['quant']):.3f}) | {cells[0]} | **{cells[1]}** | "
-                    f"{' / '.join('yes' if x else '**no**' for x in ok)} |")
-    wider = []  # a winning plan's narrowest wider uniform grid (within half a bit of its budget) that beats it after QAT: said
-    for run in runs:
-        bits, plan, kd, m, key = run
-        matched = _uniform_match(run, runs) if plan else []
-        if not matched or not all(_beats(m, matched)):
-            continue
-        beaten_by = [x for x in runs if not x[1] and x[2] == kd and x[3]["steps"] == m["steps"] and x[0] < bits + 0.5
-                     and x[0] > uniform_bits(matched[0]["quant"]) + 1e-9 and any(x[3][f"ppl_qat{t}"] < m[f"ppl_qat{t}"] for t in ("", "_ood"))]
+                    f"{_weights(u.get('quant', {}))} ({ub:.3f}) | {cells[0]} | **{cells[1]}** | {_verdict(ok)} |")
+        beaten_by = [x for x in runs if all(ok) and not x[1] and x[2] == kd and x[3]["steps"] == m["steps"] and ub + 1e-9 < x[0] < bits + 0.5
+                     and any(x[3][f"ppl_qat{t}"] < m[f"ppl_qat{t}"] for t in ("", "_ood"))]
         if beaten_by:  # runs are sorted by bits: the narrowest first
-            ub, u = beaten_by[0][0], beaten_by[0][3]
-            wider.append(f"{_weights(u['quant'])} ({ub:.3f} bits: {_num(u['ppl_qat'])}, {_num(u['ppl_qat_ood'])}) beats "
+            xb, x = beaten_by[0][0], beaten_by[0][3]
+            wider.append(f"{_weights(x['quant'])} ({xb:.3f} bits: {_num(x['ppl_qat'])}, {_num(x['ppl_qat_ood'])}) beats "
                          f"the {plan['method']} plan at {plan['bits']}")
     rows.append("\nSmolLM2-135M, perplexity, 2 CPU cores; each plan against the narrowest uniform grid of at least its bits per weight "
                 "(scales and zero points counted), same recipe, objective and steps. "

@@ -13,17 +13,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import qat
+from qat.config import compose
 from qat.lit.module import QATModule
 from qat.metrics import perplexity
 from qat.quantizers import LSQ
-
-CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 
 
 def build() -> QATModule:
@@ -36,9 +34,9 @@ def build() -> QATModule:
 
 
 def trainer(out: Path) -> L.Trainer:
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=2",
-                                                      "trainer.enable_progress_bar=false", f"trainer.default_root_dir={out}"])
+    # qat.config.compose, not Hydra's own: the recipes train.yaml names come from the ConfigStore it fills
+    cfg = compose(["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=2",
+                   "trainer.enable_progress_bar=false", f"trainer.default_root_dir={out}"])
     return instantiate(cfg.trainer, logger=False, enable_checkpointing=False, val_check_interval=None, limit_val_batches=0)
 
 

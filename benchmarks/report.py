@@ -464,10 +464,24 @@ def _mixed_runs(r: dict) -> list[tuple]:
     return sorted(runs, key=lambda x: (x[0], x[2], x[3]["steps"]))
 
 
+def _seed(key: str) -> int:
+    """The run's ``seed=`` override (``configs/train.yaml``'s 0 without one)."""
+    return next((int(o.split("=", 1)[1]) for o in key.split() if o.startswith("seed=")), 0)
+
+
+def _objective(kd: bool, key: str) -> str:
+    """``distillation`` or ``labels``, with the seed where it is not the default."""
+    return ("distillation" if kd else "labels") + (f", seed {_seed(key)}" if _seed(key) else "")
+
+
+def _uniform_peer(x: tuple, run: tuple) -> bool:
+    """``x`` is a uniform run trained like the plan ``run``: same objective, steps and seed."""
+    return not x[1] and x[2] == run[2] and x[3]["steps"] == run[3]["steps"] and _seed(x[4]) == _seed(run[4])
+
+
 def _uniform_match(run: tuple, runs: list[tuple]) -> list[dict]:
-    """The uniform runs a plan is matched against: the narrowest grid of at least its bits, same objective and steps."""
-    bits, _, kd, m, _ = run
-    wider = [x for x in runs if not x[1] and x[0] >= bits - 1e-9 and x[2] == kd and x[3]["steps"] == m["steps"]]
+    """The uniform runs a plan is matched against: the narrowest grid of at least its bits, same objective, steps and seed."""
+    wider = [x for x in runs if _uniform_peer(x, run) and x[0] >= run[0] - 1e-9]
     return [x[3] for x in wider if x[0] == min(u[0] for u in wider)]
 
 
@@ -496,9 +510,9 @@ def mixed(r: dict) -> str:
         if plan:
             uniform = _uniform_match(run, runs)
             verdict = _verdict(_beats(m, uniform)) if uniform else "no uniform run to compare"
-        rows.append(f"| {label} | {bits:.3f} | {'distillation' if kd else 'labels'} | {m['steps']} | {_num(m.get('ppl_ptq'))} | {_num(m.get('ppl_ptq_ood'))} | "
+        rows.append(f"| {label} | {bits:.3f} | {_objective(kd, key)} | {m['steps']} | {_num(m.get('ppl_ptq'))} | {_num(m.get('ppl_ptq_ood'))} | "
                     f"**{_num(m.get('ppl_qat'))}** | **{_num(m.get('ppl_qat_ood'))}** | {verdict} |")
-    rows.append("\nThe verdict compares a plan with the narrowest uniform run of at least its bits per weight; wider uniform "
+    rows.append("\nThe verdict compares a plan with the narrowest uniform run of at least its bits per weight trained with the same seed; wider uniform "
                 "rows stay in the table and a plan claims nothing against them.")
     rows.append(f"\nEvery row one `qat-train recipe={MIXED_RECIPE}` run with the recipe's steps, schedule and objective "
                 "(`benchmarks/recipes.py " + MIXED_RECIPE + " -- quant.plan.bits=B` for a plan, `-- quant=NAME` for a uniform grid); "
@@ -526,16 +540,16 @@ def mixed_short(r: dict) -> str:
         u, ub = uniform[0], uniform_bits(uniform[0]["quant"])
         cells = [", ".join(f"{_num(m[f'ppl_{s}{t}'])} / {_num(u[f'ppl_{s}{t}'])}" for t in ("", "_ood")) for s in ("ptq", "qat")]
         ok = _beats(m, uniform)
-        rows.append(f"| {plan['bits']} | {plan['method']}, {'distillation' if kd else 'labels'} {m['steps']} steps | "
+        rows.append(f"| {plan['bits']} | {plan['method']}, {_objective(kd, key)} {m['steps']} steps | "
                     f"{_weights(u.get('quant', {}))} ({ub:.3f}) | {cells[0]} | **{cells[1]}** | {_verdict(ok)} |")
-        beaten_by = [x for x in runs if all(ok) and not x[1] and x[2] == kd and x[3]["steps"] == m["steps"] and ub + 1e-9 < x[0] < bits + 0.5
+        beaten_by = [x for x in runs if all(ok) and _uniform_peer(x, run) and ub + 1e-9 < x[0] < bits + 0.5
                      and any(x[3][f"ppl_qat{t}"] < m[f"ppl_qat{t}"] for t in ("", "_ood"))]
         if beaten_by:  # runs are sorted by bits: the narrowest first
             xb, x = beaten_by[0][0], beaten_by[0][3]
             wider.append(f"{_weights(x['quant'])} ({xb:.3f} bits: {_num(x['ppl_qat'])}, {_num(x['ppl_qat_ood'])}) beats "
                          f"the {plan['method']} plan at {plan['bits']}")
     rows.append("\nSmolLM2-135M, perplexity, 2 CPU cores; each plan against the narrowest uniform grid of at least its bits per weight "
-                "(scales and zero points counted), same recipe, objective and steps. "
+                "(scales and zero points counted), same recipe, objective, steps and seed. "
                 + ("A wider uniform grid can still win: " + "; ".join(wider) + ". " if wider else "")
                 + "Candidates, every grid and the commands: [docs/RESULTS.md](docs/RESULTS.md#mixed-precision).")
     return "\n".join(rows)

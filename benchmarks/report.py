@@ -540,7 +540,8 @@ def mixed_short(r: dict) -> str:
         u, ub = uniform[0], uniform_bits(uniform[0]["quant"])
         cells = [", ".join(f"{_num(m[f'ppl_{s}{t}'])} / {_num(u[f'ppl_{s}{t}'])}" for t in ("", "_ood")) for s in ("ptq", "qat")]
         ok = _beats(m, uniform)
-        rows.append(f"| {plan['bits']} | {plan['method']}, {_objective(kd, key)} {m['steps']} steps | "
+        seed = f", seed {_seed(key)}" if _seed(key) else ""
+        rows.append(f"| {plan['bits']} | {plan['method']}, {'distillation' if kd else 'labels'} {m['steps']} steps{seed} | "
                     f"{_weights(u.get('quant', {}))} ({ub:.3f}) | {cells[0]} | **{cells[1]}** | {_verdict(ok)} |")
         beaten_by = [x for x in runs if all(ok) and _uniform_peer(x, run) and ub + 1e-9 < x[0] < bits + 0.5
                      and any(x[3][f"ppl_qat{t}"] < m[f"ppl_qat{t}"] for t in ("", "_ood"))]

@@ -469,9 +469,9 @@ def _seed(key: str) -> int:
     return next((int(o.split("=", 1)[1]) for o in key.split() if o.startswith("seed=")), 0)
 
 
-def _objective(kd: bool, key: str) -> str:
-    """``distillation`` or ``labels``, with the seed where it is not the default."""
-    return ("distillation" if kd else "labels") + (f", seed {_seed(key)}" if _seed(key) else "")
+def _seed_note(key: str) -> str:
+    """``, seed N`` for a run whose seed is not the default, else nothing."""
+    return f", seed {_seed(key)}" if _seed(key) else ""
 
 
 def _uniform_peer(x: tuple, run: tuple) -> bool:
@@ -510,7 +510,8 @@ def mixed(r: dict) -> str:
         if plan:
             uniform = _uniform_match(run, runs)
             verdict = _verdict(_beats(m, uniform)) if uniform else "no uniform run to compare"
-        rows.append(f"| {label} | {bits:.3f} | {_objective(kd, key)} | {m['steps']} | {_num(m.get('ppl_ptq'))} | {_num(m.get('ppl_ptq_ood'))} | "
+        objective = ("distillation" if kd else "labels") + _seed_note(key)
+        rows.append(f"| {label} | {bits:.3f} | {objective} | {m['steps']} | {_num(m.get('ppl_ptq'))} | {_num(m.get('ppl_ptq_ood'))} | "
                     f"**{_num(m.get('ppl_qat'))}** | **{_num(m.get('ppl_qat_ood'))}** | {verdict} |")
     rows.append("\nThe verdict compares a plan with the narrowest uniform run of at least its bits per weight trained with the same seed; wider uniform "
                 "rows stay in the table and a plan claims nothing against them.")
@@ -540,8 +541,7 @@ def mixed_short(r: dict) -> str:
         u, ub = uniform[0], uniform_bits(uniform[0]["quant"])
         cells = [", ".join(f"{_num(m[f'ppl_{s}{t}'])} / {_num(u[f'ppl_{s}{t}'])}" for t in ("", "_ood")) for s in ("ptq", "qat")]
         ok = _beats(m, uniform)
-        seed = f", seed {_seed(key)}" if _seed(key) else ""
-        rows.append(f"| {plan['bits']} | {plan['method']}, {'distillation' if kd else 'labels'} {m['steps']} steps{seed} | "
+        rows.append(f"| {plan['bits']} | {plan['method']}, {'distillation' if kd else 'labels'} {m['steps']} steps{_seed_note(key)} | "
                     f"{_weights(u.get('quant', {}))} ({ub:.3f}) | {cells[0]} | **{cells[1]}** | {_verdict(ok)} |")
         beaten_by = [x for x in runs if all(ok) and _uniform_peer(x, run) and ub + 1e-9 < x[0] < bits + 0.5
                      and any(x[3][f"ppl_qat{t}"] < m[f"ppl_qat{t}"] for t in ("", "_ood"))]

@@ -112,9 +112,12 @@ def test_qat_plan_cli_writes_a_quant_yaml_that_qat_train_reads(tmp_path):
 
 
 def test_qat_train_plans_then_trains(tmp_path):
-    cfg = _cfg(["quant.plan.bits=3.0", "quant.plan.method=fisher", "debug=fast", "logger=csv", "~callbacks.checkpoint",
+    cfg = _cfg(["quant.plan.bits=3.0", "quant.plan.method=fisher", "debug=fast", "logger=default", "~callbacks.checkpoint",
                 "eval.ood=null", "export.enabled=false"], tmp_path)
     train.run(cfg)
+    png = (tmp_path / "plan.png").read_bytes()  # the plot: in the run directory, and as an image of the (offline) wandb run
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert sorted((tmp_path / "wandb").glob("offline-run-*/files/media/images/plan_*.png"))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["plan"]["average_bits"] <= 3.0 and metrics["plan"]["method"] == "fisher"
     saved = OmegaConf.load(tmp_path / "config.yaml")  # what qat-eval rebuilds the model from: the rules, not a new plan
